@@ -1,0 +1,45 @@
+# usage-agg: every command in README.md is one of these targets.
+# Each Airflow version gets its own virtualenv, installed from its pinned constraints file.
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+AIRFLOW_VERSIONS ?= 3.3 2.11
+DEMO_AIRFLOW ?= 3.3
+PYTEST_ARGS ?=
+
+venv = .venv-airflow-$(1)
+SOURCES := setup.cfg pyproject.toml $(shell find plugins -name '*.py' -o -name '*.sql')
+
+.PHONY: test demo services constraints clean $(addprefix test-,$(AIRFLOW_VERSIONS))
+
+# The whole suite, on every supported Airflow version.
+test: services $(addprefix test-,$(AIRFLOW_VERSIONS))
+
+test-%: .venv-airflow-%/installed
+	tools/airflow-env.sh $* $(call venv,$*)/bin/python -m pytest $(PYTEST_ARGS)
+
+# Seed a few days of usage, run the hourly DAG with the Airflow CLI, print the rows.
+demo: services $(call venv,$(DEMO_AIRFLOW))/installed
+	tools/airflow-env.sh $(DEMO_AIRFLOW) tools/demo.sh $(call venv,$(DEMO_AIRFLOW))
+
+# Make sure Redis and PostgreSQL answer (start them, or embedded ones, when down).
+services:
+	tools/services.sh start
+
+.venv-airflow-%/installed: constraints/airflow-%.txt $(SOURCES)
+	test -x $(call venv,$*)/bin/python || $(PYTHON) -m venv $(call venv,$*)
+	$(call venv,$*)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(call venv,$*)/bin/uv pip install --quiet --python $(call venv,$*)/bin/python \
+		-c constraints/airflow-$*.txt --reinstall-package usage-agg '.[test]'
+	touch $@
+
+# Re-pin the constraints files after changing setup.cfg (not run by the tests).
+constraints:
+	echo 'apache-airflow==3.3.2' > .airflow-pin.txt && \
+		uv pip compile -q --python-version 3.11 --no-header --no-annotate setup.cfg .airflow-pin.txt --extra test -o constraints/airflow-3.3.txt
+	echo 'apache-airflow==2.11.2' > .airflow-pin.txt && \
+		uv pip compile -q --python-version 3.11 --no-header --no-annotate setup.cfg .airflow-pin.txt --extra test -o constraints/airflow-2.11.txt
+	rm -f .airflow-pin.txt
+
+clean:
+	rm -rf .venv-airflow-* .airflow-* build plugins/*.egg-info

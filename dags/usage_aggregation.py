@@ -1,0 +1,43 @@
+"""
+### Hourly usage aggregation (Airflow DAG `usage_aggregation`)
+
+Copies every merchant's usage counters from Redis into PostgreSQL (`merchant_usage`).
+
+Each run aggregates the day of its `ds` **and** the day before, so the last hour of
+every day is picked up whichever timetable semantics the Airflow version uses. A
+run without a logical date (Airflow 3, triggered without one) aggregates today and
+yesterday in UTC. Reruns and backfills never double count: Redis holds each day's
+running total and the table takes that absolute value.
+
+Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`). Connections:
+`USAGE_AGG_REDIS_CONN_ID` / `USAGE_AGG_POSTGRES_CONN_ID` (default `usage_redis` /
+`usage_postgres`).
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG
+
+from usage_agg import dag_config
+from usage_agg.operators import RedisUsageToPostgresOperator
+
+with DAG(
+    dag_id="usage_aggregation",
+    doc_md=__doc__,
+    schedule=dag_config.aggregation_schedule(),
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=dag_config.default_args(),
+    tags=["usage", "billing"],
+) as dag:
+    common = {
+        "merchant_id": None,
+        "table": dag_config.usage_table(),
+        "redis_conn_id": dag_config.redis_conn_id(),
+        "postgres_conn_id": dag_config.postgres_conn_id(),
+    }
+    # Independent on purpose: bad keys on one day must not keep the other from running.
+    RedisUsageToPostgresOperator(task_id="aggregate_previous_day", day_offset=-1, **common)
+    RedisUsageToPostgresOperator(task_id="aggregate_current_day", day_offset=0, **common)

@@ -1,0 +1,85 @@
+"""
+### Rerun one merchant (Airflow DAG `usage_aggregation_merchant`)
+
+Re-aggregates one merchant's usage for a date, or an inclusive range of at most 31
+days, from Redis into PostgreSQL. Trigger it from the Airflow UI's form or with
+`airflow dags trigger usage_aggregation_merchant --conf '{"merchant_id": "...", "date": "YYYY-MM-DD"}'`.
+
+Only that merchant's keys are read and written, whatever characters its id holds.
+Stored totals are never lowered unless **Allow decrease** is ticked (use it after
+a Redis restart has been reconciled by hand). The dates come from the form, never
+from the run's logical date.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.providers.common.compat.sdk import DAG, AirflowFailException, Param, task
+
+from usage_agg import dag_config
+from usage_agg.operators import RedisUsageToPostgresOperator
+from usage_agg.rerun import MAX_RANGE_DAYS, RerunRequestError, validate_rerun_request
+
+DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+
+with DAG(
+    dag_id="usage_aggregation_merchant",
+    doc_md=__doc__,
+    schedule=None,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    default_args=dag_config.default_args(),
+    tags=["usage", "billing", "rerun"],
+    params={
+        "merchant_id": Param(
+            type="string",
+            minLength=1,
+            title="Merchant ID",
+            description="The merchant to re-aggregate, exactly as in its Redis keys.",
+        ),
+        "date": Param(
+            type="string",
+            format="date",
+            pattern=DATE_PATTERN,
+            title="Date",
+            description="The day to re-aggregate (UTC), or the first day of the range.",
+        ),
+        "end_date": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            pattern=DATE_PATTERN,
+            title="End date (optional)",
+            description=f"Last day of the range, inclusive; at most {MAX_RANGE_DAYS} days after Date.",
+        ),
+        "allow_decrease": Param(
+            False,
+            type="boolean",
+            title="Allow decrease",
+            description="Let a lower Redis value lower a stored total. Off: lower values are refused and logged.",
+        ),
+    },
+) as dag:
+
+    @task
+    def validate_request(params: dict | None = None) -> list[dict]:
+        """Refuse a bad request before any data is touched; expand it to one task per date."""
+        params = params or {}
+        try:
+            request = validate_rerun_request(
+                params.get("merchant_id"),
+                params.get("date"),
+                params.get("end_date"),
+                params.get("allow_decrease", False),
+            )
+        except RerunRequestError as err:
+            raise AirflowFailException(f"Refused: {err}") from None
+        return request.task_kwargs()
+
+    RedisUsageToPostgresOperator.partial(
+        task_id="aggregate_merchant_day",
+        table=dag_config.usage_table(),
+        redis_conn_id=dag_config.redis_conn_id(),
+        postgres_conn_id=dag_config.postgres_conn_id(),
+    ).expand_kwargs(validate_request())

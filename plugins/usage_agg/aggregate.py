@@ -1,0 +1,159 @@
+"""One date end to end: Redis counters -> validation -> PostgreSQL rows.
+
+Plain Python on a redis-py client and a DB-API connection, no Airflow: the
+operator, the CLI, the benchmark and the tests all run this same function.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from usage_agg.keys import parse_date
+from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, SchemaNames, ensure_schema
+from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, read_day
+
+log = logging.getLogger(__name__)
+
+#: Bad keys named one by one in the log (and the result); all are counted and recorded.
+BAD_KEY_LOG_LIMIT = 100
+
+
+@dataclass
+class AggregationResult:
+    """What one date's aggregation did; JSON-serialisable through :meth:`to_dict`."""
+
+    usage_date: str
+    merchant_id: str | None
+    table: str
+    keys_found: int = 0
+    rows_written: int = 0
+    rows_unchanged: int = 0
+    decreases_refused: int = 0
+    bad_keys: int = 0
+    #: bad keys not reported by an earlier run (new, changed, or bad again after a fix)
+    new_bad_keys: int = 0
+    #: keys matched by SCAN that expired or were deleted before they were read
+    vanished_keys: int = 0
+    allow_decrease: bool = False
+    duration_seconds: float = 0.0
+    bad_key_samples: list[dict] = field(default_factory=list)
+    refused_decrease_samples: list[dict] = field(default_factory=list)
+
+    @property
+    def records_aggregated(self) -> int:
+        return self.keys_found - self.bad_keys
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def aggregate_day(
+    redis_client,
+    pg_conn,
+    usage_date: str | dt.date,
+    *,
+    merchant_id: str | None = None,
+    table: str = "merchant_usage",
+    allow_decrease: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    scan_count: int = DEFAULT_SCAN_COUNT,
+    lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
+    audit: dict | None = None,
+    logger: logging.Logger | logging.LoggerAdapter = log,
+    create_schema: bool = True,
+) -> AggregationResult:
+    """Copy one date's counters (optionally one merchant's) into the usage table.
+
+    Redis holds each day's running total and PostgreSQL takes that absolute value,
+    so any number of reruns gives the same rows. A date with no keys left in Redis
+    leaves its rows alone. The whole date is one transaction.
+
+    :param audit: ``dag_id``/``run_id``/``task_id`` for the audit row.
+    :param create_schema: create the tables when missing (idempotent).
+    """
+    day = parse_date(usage_date)
+    if merchant_id is not None and (not isinstance(merchant_id, str) or not merchant_id):
+        raise ValueError(f"merchant_id: must be a non-empty string or None, got {merchant_id!r}")
+    names = ensure_schema(pg_conn, table) if create_schema else SchemaNames.for_table(table)
+    result = AggregationResult(
+        usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage), allow_decrease=allow_decrease
+    )
+    started = time.monotonic()
+    started_at = dt.datetime.now(dt.timezone.utc)
+    scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
+    logger.info("Starting aggregation for date: %s%s", result.usage_date, scope)
+
+    with DayWriter(pg_conn, names, day, allow_decrease=allow_decrease, lock_timeout=lock_timeout) as writer:
+        for batch in read_day(redis_client, day, merchant_id, batch_size=batch_size, scan_count=scan_count):
+            writer.stage(batch.counters)
+            result.new_bad_keys += writer.record_bad_keys(batch.bad_keys)
+            result.keys_found += len(batch.counters) + len(batch.bad_keys)
+            result.bad_keys += len(batch.bad_keys)
+            result.vanished_keys += batch.vanished
+            for counter in batch.counters:
+                logger.debug("Key %s:%s = %d", counter.key.merchant_id, counter.key.metric_type, counter.quantity)
+            for bad in batch.bad_keys:
+                _report_bad_key(logger, result, bad)
+        logger.info("Found %d usage keys to process", result.keys_found)
+        if result.keys_found == 0:
+            logger.warning(
+                "No usage keys in Redis for %s%s (expired or never tracked); stored rows are left as they are",
+                result.usage_date,
+                scope,
+            )
+        merged = writer.merge()
+        result.rows_written = merged.rows_written
+        result.rows_unchanged = merged.rows_unchanged
+        result.decreases_refused = merged.decreases_refused
+        result.refused_decrease_samples = merged.refused_samples
+        result.duration_seconds = round(time.monotonic() - started, 3)
+        writer.record_run(
+            {
+                **(audit or {}),
+                **result.to_dict(),
+                "usage_table": result.table,
+                "usage_date": day,
+                "started_at": started_at,
+                "outcome": _outcome(result),
+            }
+        )
+
+    if result.bad_keys > BAD_KEY_LOG_LIMIT:
+        logger.warning(
+            "%d more bad keys not listed here; all are in %s", result.bad_keys - BAD_KEY_LOG_LIMIT, names.errors
+        )
+    if result.decreases_refused:
+        logger.warning(
+            "Refused to lower %d stored totals to a smaller Redis value (Redis restarted or evicted keys?); "
+            "rerun with allow_decrease to accept them. First ones: %s",
+            result.decreases_refused,
+            result.refused_decrease_samples,
+        )
+    logger.info(
+        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, decreases refused: %d)",
+        result.records_aggregated,
+        result.bad_keys,
+        result.rows_written,
+        result.rows_unchanged,
+        result.decreases_refused,
+    )
+    return result
+
+
+def _report_bad_key(logger, result: AggregationResult, bad) -> None:
+    if len(result.bad_key_samples) >= BAD_KEY_LOG_LIMIT:
+        return
+    preview = None if bad.raw_value is None else bad.raw_value.decode("utf-8", "backslashreplace")
+    result.bad_key_samples.append({"key": bad.key_text, "reason": bad.reason, "value": preview})
+    logger.warning("Bad key %r: %s (value %r)", bad.key_text, bad.reason, preview)
+
+
+def _outcome(result: AggregationResult) -> str:
+    if result.new_bad_keys:
+        return "new_bad_keys"
+    if result.bad_keys:
+        return "known_bad_keys"
+    return "success"

@@ -1,0 +1,44 @@
+"""Settings shared by the DAG files, read from the environment at parse time.
+
+Only names and numbers live here (no connections are opened): the DAG files stay
+cheap to parse and free of business logic.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+from usage_agg.operators import DEFAULT_POSTGRES_CONN_ID, DEFAULT_REDIS_CONN_ID
+
+DEFAULT_SCHEDULE = "@hourly"
+
+
+def redis_conn_id() -> str:
+    return os.environ.get("USAGE_AGG_REDIS_CONN_ID") or DEFAULT_REDIS_CONN_ID
+
+
+def postgres_conn_id() -> str:
+    return os.environ.get("USAGE_AGG_POSTGRES_CONN_ID") or DEFAULT_POSTGRES_CONN_ID
+
+
+def usage_table() -> str:
+    return os.environ.get("USAGE_AGG_TABLE") or "merchant_usage"
+
+
+def aggregation_schedule() -> str:
+    return os.environ.get("USAGE_AGGREGATION_SCHEDULE") or DEFAULT_SCHEDULE
+
+
+def default_args() -> dict:
+    """Retries with exponential backoff: connection failures are transient.
+
+    Bad data fails with ``AirflowFailException``, which Airflow never retries.
+    """
+    return {
+        "owner": "usage-agg",
+        "retries": 4,
+        "retry_delay": dt.timedelta(seconds=30),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": dt.timedelta(minutes=15),
+    }

@@ -1,0 +1,141 @@
+"""The usage key format: build, parse, escape for ``SCAN MATCH``, validate values.
+
+Keys look like ``usage:{merchant_id}:{YYYY-MM-DD}:{metric_type}``. Merchant ids may
+hold any character, ``:`` included, so a key is parsed from the right: the last two
+``:``-separated fields are the date and the metric type, everything between the
+prefix and the date is the merchant id. Metric types never contain ``:``.
+
+Nothing here does I/O; every function is pure so it can be property-tested.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import NamedTuple
+
+KEY_PREFIX = "usage:"
+BIGINT_MAX = 2**63 - 1
+
+_DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_DIGITS_RE = re.compile(rb"[0-9]+")
+# Characters that SCAN's MATCH treats as glob syntax; a backslash escapes each of them.
+_GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+class BadKeyError(ValueError):
+    """A key or value that cannot be aggregated; the message is the reason recorded."""
+
+
+class UsageKey(NamedTuple):
+    merchant_id: str
+    usage_date: dt.date
+    metric_type: str
+
+
+def parse_date(value: str | dt.date, *, field: str = "usage_date") -> dt.date:
+    """Parse a strict ``YYYY-MM-DD`` date; the error names ``field``."""
+    if isinstance(value, dt.datetime):
+        raise ValueError(f"{field}: expected a date as YYYY-MM-DD, got a datetime {value!r}")
+    if isinstance(value, dt.date):
+        return value
+    if not isinstance(value, str) or not _DATE_RE.fullmatch(value):
+        raise ValueError(f"{field}: expected a date as YYYY-MM-DD, got {value!r}")
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{field}: {value!r} is not a valid calendar date") from None
+
+
+def _check_merchant_id(merchant_id: str) -> None:
+    if not isinstance(merchant_id, str) or not merchant_id:
+        raise ValueError(f"merchant_id: must be a non-empty string, got {merchant_id!r}")
+    if "\x00" in merchant_id:
+        raise ValueError("merchant_id: must not contain a NUL character (PostgreSQL text cannot store it)")
+
+
+def _check_metric_type(metric_type: str) -> None:
+    if not isinstance(metric_type, str) or not metric_type:
+        raise ValueError(f"metric_type: must be a non-empty string, got {metric_type!r}")
+    if ":" in metric_type or "\x00" in metric_type:
+        raise ValueError(f"metric_type: must not contain ':' or NUL, got {metric_type!r}")
+
+
+def build_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) -> str:
+    """Build the Redis key for one merchant, day and metric."""
+    _check_merchant_id(merchant_id)
+    _check_metric_type(metric_type)
+    day = parse_date(usage_date)
+    return f"{KEY_PREFIX}{merchant_id}:{day.isoformat()}:{metric_type}"
+
+
+def parse_key(raw_key: bytes | str) -> UsageKey:
+    """Split a key into its parts, or raise :class:`BadKeyError` saying why it does not parse."""
+    if isinstance(raw_key, bytes):
+        try:
+            key = raw_key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise BadKeyError("key is not valid UTF-8") from None
+    else:
+        key = raw_key
+    if not key.startswith(KEY_PREFIX):
+        raise BadKeyError(f"key does not start with {KEY_PREFIX!r}")
+    parts = key[len(KEY_PREFIX) :].rsplit(":", 2)
+    if len(parts) != 3:
+        raise BadKeyError("key does not have the form usage:{merchant_id}:{YYYY-MM-DD}:{metric_type}")
+    merchant_id, day, metric_type = parts
+    if not merchant_id:
+        raise BadKeyError("merchant id is empty")
+    if not metric_type:
+        raise BadKeyError("metric type is empty")
+    if "\x00" in key:
+        raise BadKeyError("key contains a NUL character, which PostgreSQL text cannot store")
+    try:
+        usage_date = parse_date(day, field="date")
+    except ValueError as err:
+        raise BadKeyError(str(err)) from None
+    return UsageKey(merchant_id, usage_date, metric_type)
+
+
+def parse_quantity(raw_value: bytes | str) -> int:
+    """Validate a counter value: a non-negative integer that fits PostgreSQL's bigint.
+
+    Only plain ASCII digits are accepted, as ``INCRBY`` writes them; anything else
+    (signs, spaces, decimals, text) is bad data, never coerced.
+    """
+    if isinstance(raw_value, str):
+        raw_value = raw_value.encode("utf-8", "surrogateescape")
+    if not isinstance(raw_value, bytes):
+        raise BadKeyError(f"value has unexpected type {type(raw_value).__name__}")
+    if raw_value.startswith(b"-") and _DIGITS_RE.fullmatch(raw_value[1:]):
+        raise BadKeyError("value is negative")
+    if not _DIGITS_RE.fullmatch(raw_value):
+        raise BadKeyError("value is not a non-negative integer")
+    # Check the length first so a huge digit string is never turned into an int.
+    if len(raw_value.lstrip(b"0")) > len(str(BIGINT_MAX)) or int(raw_value) > BIGINT_MAX:
+        raise BadKeyError("value does not fit in a PostgreSQL bigint")
+    return int(raw_value)
+
+
+def escape_match(text: str) -> str:
+    """Escape ``text`` so a ``SCAN MATCH`` pattern matches it literally."""
+    return "".join("\\" + ch if ch in _GLOB_SPECIAL else ch for ch in text)
+
+
+def day_pattern(usage_date: str | dt.date, merchant_id: str | None = None) -> str:
+    """The ``MATCH`` pattern for one day's keys, for every merchant or for one.
+
+    The pattern can also match keys of merchants whose id itself contains
+    ``:{date}:``; callers keep only keys whose parsed date and merchant are the
+    ones asked for (see :func:`belongs_to`).
+    """
+    day = parse_date(usage_date).isoformat()
+    if merchant_id is None:
+        return f"{KEY_PREFIX}*:{day}:*"
+    _check_merchant_id(merchant_id)
+    return f"{KEY_PREFIX}{escape_match(merchant_id)}:{day}:*"
+
+
+def belongs_to(key: UsageKey, usage_date: dt.date, merchant_id: str | None) -> bool:
+    """Whether a parsed key is one of the day (and merchant) being aggregated."""
+    return key.usage_date == usage_date and (merchant_id is None or key.merchant_id == merchant_id)

@@ -1,0 +1,161 @@
+"""``RedisUsageToPostgresOperator``: Airflow's hooks around :func:`usage_agg.aggregate.aggregate_day`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator
+
+from usage_agg.aggregate import aggregate_day
+from usage_agg.keys import parse_date
+from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
+from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT
+
+if TYPE_CHECKING:
+    from airflow.providers.common.compat.sdk import Context
+
+DEFAULT_REDIS_CONN_ID = "usage_redis"
+DEFAULT_POSTGRES_CONN_ID = "usage_postgres"
+
+
+class RedisUsageToPostgresOperator(BaseOperator):
+    """
+    Copy one day's merchant usage counters from Redis into a PostgreSQL table.
+
+    Redis keys ``usage:{merchant_id}:{YYYY-MM-DD}:{metric_type}`` hold each day's
+    running total; the table takes that absolute value, so reruns never double
+    count. Stored totals are never zeroed or deleted, and never lowered unless
+    ``allow_decrease`` is set. Each date is written in one transaction.
+
+    Bad keys (unparseable, not a non-negative bigint, not a string) never block good
+    ones: good keys are committed, bad ones are logged and recorded as dead letters.
+    The task then fails without retries if any bad key is new (not reported by an
+    earlier run), so it alerts once per bad key instead of every hour.
+
+    :param usage_date: the day to aggregate, ``YYYY-MM-DD`` (templated). When empty,
+        the run's ``ds``, or today's UTC date for a run without a logical date.
+    :param day_offset: days added to the resolved date; ``-1`` aggregates the day before.
+    :param merchant_id: aggregate this merchant only; ``None`` for every merchant (templated)
+    :param table: target table, ``name`` or ``schema.name`` (templated)
+    :param allow_decrease: let a lower Redis value lower a stored total (templated)
+    :param redis_conn_id: Airflow connection to Redis (templated)
+    :param postgres_conn_id: Airflow connection to PostgreSQL (templated)
+    :param batch_size: keys read per pipelined round trip and staged per ``COPY``
+    :param scan_count: the ``COUNT`` hint of each ``SCAN``
+    :param lock_timeout_seconds: how long to wait for another writer of the same date
+    """
+
+    template_fields: Sequence[str] = (
+        "usage_date",
+        "merchant_id",
+        "table",
+        "allow_decrease",
+        "redis_conn_id",
+        "postgres_conn_id",
+    )
+    ui_color = "#e8f4ea"
+
+    def __init__(
+        self,
+        *,
+        usage_date: str | None = None,
+        day_offset: int = 0,
+        merchant_id: str | None = None,
+        table: str = "merchant_usage",
+        allow_decrease: bool | str = False,
+        redis_conn_id: str = DEFAULT_REDIS_CONN_ID,
+        postgres_conn_id: str = DEFAULT_POSTGRES_CONN_ID,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        scan_count: int = DEFAULT_SCAN_COUNT,
+        lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT.total_seconds(),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.usage_date = usage_date
+        self.day_offset = day_offset
+        self.merchant_id = merchant_id
+        self.table = table
+        self.allow_decrease = allow_decrease
+        self.redis_conn_id = redis_conn_id
+        self.postgres_conn_id = postgres_conn_id
+        self.batch_size = batch_size
+        self.scan_count = scan_count
+        self.lock_timeout_seconds = lock_timeout_seconds
+
+    def execute(self, context: Context) -> dict:
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+        from airflow.providers.redis.hooks.redis import RedisHook
+
+        try:
+            day = resolve_usage_date(self.usage_date, context, self.day_offset)
+            allow_decrease = as_bool(self.allow_decrease, field="allow_decrease")
+        except ValueError as err:  # a configuration error: retrying cannot fix it
+            raise AirflowFailException(str(err)) from None
+
+        redis_client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
+        pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
+        ti = context["ti"]
+        try:
+            result = aggregate_day(
+                redis_client,
+                pg_conn,
+                day,
+                merchant_id=self.merchant_id,
+                table=self.table,
+                allow_decrease=allow_decrease,
+                batch_size=self.batch_size,
+                scan_count=self.scan_count,
+                lock_timeout=dt.timedelta(seconds=self.lock_timeout_seconds),
+                audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
+                logger=self.log,
+            )
+        except ValueError as err:
+            raise AirflowFailException(str(err)) from None
+        finally:
+            pg_conn.close()
+
+        payload = result.to_dict()
+        if result.new_bad_keys:
+            # The good keys are committed; publish the result before failing so the
+            # XCom still shows what was written.
+            ti.xcom_push(key="aggregation_result", value=payload)
+            raise AirflowFailException(
+                f"{result.new_bad_keys} new bad key(s) for {result.usage_date} "
+                f"({result.bad_keys} in all); good keys were committed, bad ones are in "
+                "usage_aggregation_errors. Not retrying: bad data is not transient."
+            )
+        if result.bad_keys:
+            self.log.warning(
+                "%d bad key(s) already reported by an earlier run; see usage_aggregation_errors", result.bad_keys
+            )
+        return payload
+
+
+def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_offset: int = 0) -> dt.date:
+    """The date a task aggregates: explicit, else the run's ``ds``, else today in UTC.
+
+    An Airflow 3 run triggered without a logical date has no ``ds`` in its context.
+    """
+    if usage_date:
+        day = parse_date(usage_date)
+    elif context.get("ds"):
+        day = parse_date(context["ds"], field="ds")
+    else:
+        day = dt.datetime.now(dt.timezone.utc).date()
+    return day + dt.timedelta(days=day_offset)
+
+
+def as_bool(value: bool | str, *, field: str) -> bool:
+    """A boolean that may have passed through a Jinja template as ``"True"``/``"False"``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"{field}: expected true or false, got {value!r}")
+
+
+def _task_label(ti) -> str:
+    map_index = getattr(ti, "map_index", -1)
+    return ti.task_id if map_index is None or map_index < 0 else f"{ti.task_id}[{map_index}]"

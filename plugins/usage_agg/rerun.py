@@ -1,0 +1,76 @@
+"""Validating a per-merchant rerun request (the conf of ``usage_aggregation_merchant``).
+
+The trigger form's JSON schema already refuses what a schema can judge alone (a
+missing or empty merchant id, a malformed date). What needs both dates or today's
+date is checked here, before any data is touched; every message starts with the
+name of the field at fault.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from usage_agg.keys import parse_date
+
+MAX_RANGE_DAYS = 31
+
+
+class RerunRequestError(ValueError):
+    """A rerun request that is refused; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RerunRequest:
+    merchant_id: str
+    dates: tuple[dt.date, ...]
+    allow_decrease: bool
+
+    def task_kwargs(self) -> list[dict]:
+        """One operator's arguments per date, for ``expand_kwargs``."""
+        return [
+            {"usage_date": day.isoformat(), "merchant_id": self.merchant_id, "allow_decrease": self.allow_decrease}
+            for day in self.dates
+        ]
+
+
+def validate_rerun_request(
+    merchant_id: object,
+    date: object,
+    end_date: object = None,
+    allow_decrease: object = False,
+    *,
+    today: dt.date | None = None,
+) -> RerunRequest:
+    """Check a rerun request and expand it to its dates (``end_date`` inclusive)."""
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    if not isinstance(merchant_id, str) or not merchant_id.strip():
+        raise RerunRequestError(f"merchant_id: is required and must be a non-empty string, got {merchant_id!r}")
+    if "\x00" in merchant_id:
+        raise RerunRequestError("merchant_id: must not contain a NUL character")
+    if date in (None, ""):
+        raise RerunRequestError("date: is required (YYYY-MM-DD)")
+    first = _date(date, "date")
+    last = first if end_date in (None, "") else _date(end_date, "end_date")
+    if last < first:
+        raise RerunRequestError(f"end_date: {last} is before date {first}")
+    days = (last - first).days + 1
+    if days > MAX_RANGE_DAYS:
+        raise RerunRequestError(f"end_date: the range {first}..{last} is {days} days; at most {MAX_RANGE_DAYS} allowed")
+    if first > today:
+        raise RerunRequestError(f"date: {first} is in the future (today is {today} UTC)")
+    if last > today:
+        raise RerunRequestError(f"end_date: {last} is in the future (today is {today} UTC)")
+    if not isinstance(allow_decrease, bool):
+        raise RerunRequestError(f"allow_decrease: must be true or false, got {allow_decrease!r}")
+    dates = tuple(first + dt.timedelta(days=i) for i in range(days))
+    return RerunRequest(merchant_id, dates, allow_decrease)
+
+
+def _date(value: object, field: str) -> dt.date:
+    if not isinstance(value, str):
+        raise RerunRequestError(f"{field}: expected a date as YYYY-MM-DD, got {value!r}")
+    try:
+        return parse_date(value, field=field)
+    except ValueError as err:
+        raise RerunRequestError(str(err)) from None

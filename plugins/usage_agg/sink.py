@@ -1,0 +1,285 @@
+"""Writing one day's rows to PostgreSQL.
+
+One date is one transaction (:class:`DayWriter`): an advisory lock per table and
+date serialises writers, counters are streamed into a temporary staging table with
+``COPY``, and one merge statement upserts them. The merge never lowers a stored
+total unless asked to, and never rewrites a row whose value did not change.
+
+Works on the DB-API connection of either driver that Airflow's ``PostgresHook``
+returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+
+from usage_agg.identifiers import TableName, quote_identifier
+from usage_agg.source import BadKey, Counter
+
+ERRORS_TABLE = "usage_aggregation_errors"
+RUNS_TABLE = "usage_aggregation_runs"
+DEFAULT_LOCK_TIMEOUT = dt.timedelta(minutes=10)
+#: How many refused decreases are returned (and logged) by name; all are counted.
+SAMPLE_LIMIT = 20
+
+_STAGE = "pg_temp.usage_agg_stage"
+
+
+@dataclass(frozen=True)
+class SchemaNames:
+    usage: TableName
+    errors: TableName
+    runs: TableName
+
+    @classmethod
+    def for_table(cls, table: str | TableName) -> SchemaNames:
+        usage = table if isinstance(table, TableName) else TableName.parse(table)
+        return cls(usage, usage.sibling(ERRORS_TABLE), usage.sibling(RUNS_TABLE))
+
+    def ddl(self) -> str:
+        template = resources.files("usage_agg").joinpath("sql/schema.sql").read_text("utf-8")
+        return template.format(
+            usage_table=self.usage.quoted,
+            errors_table=self.errors.quoted,
+            runs_table=self.runs.quoted,
+            usage_date_index=_index_name(self.usage, "usage_date_idx"),
+            errors_open_index=_index_name(self.errors, "open_idx"),
+            runs_date_index=_index_name(self.runs, "date_idx"),
+        )
+
+
+def _index_name(table: TableName, suffix: str) -> str:
+    return quote_identifier(f"{table.name[: 62 - len(suffix)]}_{suffix}")
+
+
+def ensure_schema(conn, table: str | TableName) -> SchemaNames:
+    """Create the usage, dead-letter and audit tables when missing, and commit.
+
+    Concurrent first runs would race on ``CREATE TABLE IF NOT EXISTS``; a
+    transaction-level advisory lock on the table name makes them take turns.
+    """
+    names = SchemaNames.for_table(table)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s)::bigint)", (f"usage_agg schema {names.usage}",))
+        if names.usage.schema:
+            cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(names.usage.schema)}")
+        cur.execute(names.ddl())
+    conn.commit()
+    return names
+
+
+@dataclass
+class MergeResult:
+    rows_written: int = 0
+    rows_unchanged: int = 0
+    decreases_refused: int = 0
+    refused_samples: list[dict] = field(default_factory=list)
+
+
+class DayWriter:
+    """The transaction that writes one date; use as a context manager.
+
+    On a clean exit the transaction commits; on any exception it rolls back, so a
+    run that fails part-way leaves the date exactly as it was.
+    """
+
+    def __init__(
+        self,
+        conn,
+        names: SchemaNames,
+        usage_date: dt.date,
+        *,
+        allow_decrease: bool = False,
+        lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        self.conn = conn
+        self.names = names
+        self.usage_date = usage_date
+        self.allow_decrease = allow_decrease
+        self.lock_timeout = lock_timeout
+        self._cur = None
+
+    def __enter__(self) -> DayWriter:
+        self._cur = self.conn.cursor()
+        cur = self._cur
+        # A bounded wait: a writer that cannot get the date within lock_timeout fails
+        # with LockNotAvailable, which is transient and retried by Airflow.
+        cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(self.lock_timeout.total_seconds() * 1000)}ms",))
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s), %s)",
+            (f"usage_agg {self.names.usage}", self.usage_date.toordinal()),
+        )
+        cur.execute("SELECT set_config('lock_timeout', '0', true)")
+        cur.execute(
+            f"CREATE TEMPORARY TABLE {_STAGE} (merchant_id text NOT NULL, metric_type text NOT NULL,"
+            " quantity bigint NOT NULL) ON COMMIT DROP"
+        )
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.conn.commit()
+            else:
+                self.conn.rollback()
+        finally:
+            self._cur.close()
+
+    def stage(self, counters: list[Counter]) -> None:
+        """Stream a batch of counters into the staging table with ``COPY``."""
+        if not counters:
+            return
+        rows = ((c.key.merchant_id, c.key.metric_type, c.quantity) for c in counters)
+        _copy_rows(self._cur, f"{_STAGE} (merchant_id, metric_type, quantity)", rows)
+
+    def record_bad_keys(self, bad_keys: list[BadKey]) -> int:
+        """Upsert dead letters; return how many are new (never seen, changed, or back after a fix).
+
+        A key an operator dismissed stays dismissed while its value stays the same.
+        """
+        if not bad_keys:
+            return 0
+        unique = {bad.key_text: bad for bad in bad_keys}
+        keys = [_pg_text(k) for k in unique]
+        values = [None if b.raw_value is None else _pg_text(b.raw_value.decode("utf-8", "backslashreplace")) for b in unique.values()]
+        reasons = [b.reason for b in unique.values()]
+        errors = self.names.errors.quoted
+        self._cur.execute(
+            f"""
+            WITH incoming AS (
+                SELECT k AS redis_key, v AS raw_value, r AS reason
+                FROM unnest(%(keys)s::text[], %(values)s::text[], %(reasons)s::text[]) AS u(k, v, r)
+            ),
+            previous AS (
+                SELECT e.redis_key, e.raw_value, e.reason, e.resolution
+                FROM {errors} e JOIN incoming i USING (redis_key)
+            ),
+            upserted AS (
+                INSERT INTO {errors} AS e (redis_key, usage_date, raw_value, reason)
+                SELECT redis_key, %(day)s, raw_value, reason FROM incoming
+                ON CONFLICT (redis_key) DO UPDATE SET
+                    raw_value = EXCLUDED.raw_value,
+                    reason = EXCLUDED.reason,
+                    usage_date = EXCLUDED.usage_date,
+                    last_seen = now(),
+                    times_seen = e.times_seen + 1,
+                    resolved_at = CASE WHEN e.resolution = 'dismissed'
+                                        AND e.raw_value IS NOT DISTINCT FROM EXCLUDED.raw_value
+                                       THEN e.resolved_at END,
+                    resolution = CASE WHEN e.resolution = 'dismissed'
+                                       AND e.raw_value IS NOT DISTINCT FROM EXCLUDED.raw_value
+                                      THEN e.resolution END
+                RETURNING 1
+            )
+            SELECT count(*) FROM incoming i LEFT JOIN previous p USING (redis_key)
+            WHERE p.redis_key IS NULL
+               OR p.raw_value IS DISTINCT FROM i.raw_value
+               OR p.reason <> i.reason
+               OR p.resolution IS NOT NULL AND p.resolution <> 'dismissed'
+            """,
+            {"keys": keys, "values": values, "reasons": reasons, "day": self.usage_date},
+        )
+        return int(self._cur.fetchone()[0])
+
+    def merge(self) -> MergeResult:
+        """Upsert the staged counters into the usage table."""
+        cur = self._cur
+        usage = self.names.usage.quoted
+        params = {"day": self.usage_date, "allow": self.allow_decrease, "limit": SAMPLE_LIMIT}
+        compared = f"""
+            WITH src AS (
+                SELECT merchant_id, metric_type, max(quantity) AS quantity
+                FROM {_STAGE} GROUP BY merchant_id, metric_type
+            )
+            SELECT s.merchant_id, s.metric_type, s.quantity, t.quantity AS stored
+            FROM src s LEFT JOIN {usage} t
+              ON t.merchant_id = s.merchant_id AND t.usage_date = %(day)s AND t.metric_type = s.metric_type
+        """
+        cur.execute(
+            f"""
+            SELECT count(*) FILTER (WHERE quantity = stored),
+                   count(*) FILTER (WHERE quantity < stored AND NOT %(allow)s)
+            FROM ({compared}) c
+            """,
+            params,
+        )
+        unchanged, refused = cur.fetchone()
+        result = MergeResult(rows_unchanged=int(unchanged), decreases_refused=int(refused))
+        if refused:
+            cur.execute(
+                f"""
+                SELECT merchant_id, metric_type, stored, quantity FROM ({compared}) c
+                WHERE quantity < stored ORDER BY merchant_id, metric_type LIMIT %(limit)s
+                """,
+                params,
+            )
+            result.refused_samples = [
+                {"merchant_id": m, "metric_type": t, "stored": int(s), "redis": int(q)} for m, t, s, q in cur.fetchall()
+            ]
+        # Counters only grow: the WHERE clause keeps a lower Redis value from lowering
+        # a row (unless allowed), and leaves equal rows untouched (no dead tuples).
+        cur.execute(
+            f"""
+            INSERT INTO {usage} AS t (merchant_id, usage_date, metric_type, quantity)
+            SELECT merchant_id, %(day)s, metric_type, max(quantity)
+            FROM {_STAGE} GROUP BY merchant_id, metric_type
+            ON CONFLICT (merchant_id, usage_date, metric_type) DO UPDATE
+               SET quantity = EXCLUDED.quantity, updated_at = now()
+             WHERE t.quantity < EXCLUDED.quantity
+                OR (%(allow)s AND t.quantity <> EXCLUDED.quantity)
+            """,
+            params,
+        )
+        result.rows_written = max(cur.rowcount, 0)
+        self._resolve_fixed_keys()
+        return result
+
+    def _resolve_fixed_keys(self) -> None:
+        """Mark dead letters of this date resolved once their key aggregates cleanly."""
+        errors = self.names.errors.quoted
+        self._cur.execute(
+            f"""
+            UPDATE {errors} e SET resolved_at = now(), resolution = 'fixed'
+            WHERE e.resolved_at IS NULL AND e.usage_date = %(day)s
+              AND e.redis_key IN (
+                  SELECT 'usage:' || merchant_id || ':' || %(day_text)s || ':' || metric_type FROM {_STAGE}
+              )
+            """,
+            {"day": self.usage_date, "day_text": self.usage_date.isoformat()},
+        )
+
+    def record_run(self, audit: dict) -> None:
+        """Write the audit row for this date, inside the same transaction as the data."""
+        columns = (
+            "dag_id", "run_id", "task_id", "usage_table", "usage_date", "merchant_id", "keys_found",
+            "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys",
+            "started_at", "outcome",
+        )  # fmt: skip
+        placeholders = ", ".join(f"%({c})s" for c in columns)
+        self._cur.execute(
+            f"INSERT INTO {self.names.runs.quoted} ({', '.join(columns)}) VALUES ({placeholders})",
+            {c: audit.get(c) for c in columns},
+        )
+
+
+def _pg_text(text: str) -> str:
+    """PostgreSQL text cannot hold NUL; show it escaped, as the rest of a bad value is."""
+    return text.replace("\x00", "\\x00")
+
+
+def _copy_rows(cur, target: str, rows: Iterable[tuple]) -> None:
+    """``COPY target FROM STDIN`` with whichever driver the cursor belongs to."""
+    if hasattr(cur, "copy_expert"):  # psycopg2: CSV, quoted, so any character in an id is safe
+        buffer = io.StringIO()
+        csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
+        buffer.seek(0)
+        cur.copy_expert(f"COPY {target} FROM STDIN WITH (FORMAT csv)", buffer)
+    else:  # psycopg 3 escapes each row itself in COPY's text format
+        with cur.copy(f"COPY {target} FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)

@@ -1,0 +1,133 @@
+"""Reading one day's counters from Redis.
+
+Keys are discovered with cursor-based ``SCAN`` and a ``MATCH`` pattern (never
+``KEYS``), and their values are read with one pipelined round trip per batch. The
+generator yields one :class:`Batch` at a time, so memory is bounded by the batch
+size, not by how many keys the day holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from redis.exceptions import ResponseError
+
+from usage_agg.keys import BadKeyError, UsageKey, belongs_to, day_pattern, parse_key, parse_quantity
+
+DEFAULT_BATCH_SIZE = 5_000
+DEFAULT_SCAN_COUNT = 1_000
+#: How much of a bad value is kept for the dead-letter record and the log.
+RAW_VALUE_PREVIEW = 200
+
+
+@dataclass(frozen=True)
+class Counter:
+    key: UsageKey
+    quantity: int
+
+
+@dataclass(frozen=True)
+class BadKey:
+    """A key that cannot be aggregated, with the reason and a preview of its value."""
+
+    raw_key: bytes
+    reason: str
+    raw_value: bytes | None = None
+
+    @property
+    def key_text(self) -> str:
+        return self.raw_key.decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class Batch:
+    counters: list[Counter] = field(default_factory=list)
+    bad_keys: list[BadKey] = field(default_factory=list)
+    #: keys that matched the pattern but parse to another day or merchant
+    foreign: int = 0
+    #: keys that expired or were deleted between SCAN and GET
+    vanished: int = 0
+
+
+def read_day(
+    client,
+    usage_date: dt.date,
+    merchant_id: str | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    scan_count: int = DEFAULT_SCAN_COUNT,
+) -> Iterator[Batch]:
+    """Yield the day's counters (and bad keys) batch by batch."""
+    if batch_size < 1 or scan_count < 1:
+        raise ValueError("batch_size and scan_count must be positive")
+    pattern = day_pattern(usage_date, merchant_id)
+    pending: list[bytes] = []
+    for raw_key in client.scan_iter(match=pattern, count=scan_count):
+        pending.append(_as_bytes(raw_key))
+        if len(pending) >= batch_size:
+            yield _read_batch(client, pending, usage_date, merchant_id)
+            pending = []
+    if pending:
+        yield _read_batch(client, pending, usage_date, merchant_id)
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None) -> Batch:
+    batch = Batch()
+    to_read: list[tuple[bytes, UsageKey | None, str | None]] = []
+    for raw_key in dict.fromkeys(raw_keys):  # SCAN may return a key twice
+        try:
+            parsed = parse_key(raw_key)
+        except BadKeyError as err:
+            to_read.append((raw_key, None, str(err)))
+            continue
+        if belongs_to(parsed, usage_date, merchant_id):
+            to_read.append((raw_key, parsed, None))
+        else:
+            batch.foreign += 1
+    if not to_read:
+        return batch
+
+    pipe = client.pipeline(transaction=False)
+    for raw_key, _, _ in to_read:
+        pipe.get(raw_key)
+    values = pipe.execute(raise_on_error=False)
+
+    wrong_type: list[bytes] = []
+    for (raw_key, parsed, parse_error), value in zip(to_read, values):
+        if isinstance(value, ResponseError):
+            if "WRONGTYPE" not in str(value):
+                raise value
+            wrong_type.append(raw_key)
+        elif value is None:
+            batch.vanished += 1
+        elif parse_error is not None:
+            batch.bad_keys.append(BadKey(raw_key, parse_error, _preview(value)))
+        else:
+            try:
+                batch.counters.append(Counter(parsed, parse_quantity(value)))
+            except BadKeyError as err:
+                batch.bad_keys.append(BadKey(raw_key, str(err), _preview(value)))
+    if wrong_type:
+        batch.bad_keys.extend(_describe_wrong_types(client, wrong_type))
+    return batch
+
+
+def _preview(value: bytes | str) -> bytes:
+    return _as_bytes(value)[:RAW_VALUE_PREVIEW]
+
+
+def _describe_wrong_types(client, raw_keys: list[bytes]) -> list[BadKey]:
+    pipe = client.pipeline(transaction=False)
+    for raw_key in raw_keys:
+        pipe.type(raw_key)
+    types = pipe.execute(raise_on_error=False)
+    return [
+        BadKey(raw_key, f"key holds a Redis {_as_bytes(kind).decode('ascii', 'replace')}, not a string counter")
+        for raw_key, kind in zip(raw_keys, types)
+    ]

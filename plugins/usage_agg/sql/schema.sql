@@ -1,0 +1,49 @@
+-- usage-agg schema. Idempotent: run before every aggregation, under an advisory lock.
+-- {usage_table}, {errors_table}, {runs_table} and the index names are validated, quoted identifiers.
+
+-- Daily totals, the source of truth for billing and analytics.
+CREATE TABLE IF NOT EXISTS {usage_table} (
+    merchant_id text        NOT NULL,
+    usage_date  date        NOT NULL,
+    metric_type text        NOT NULL,
+    quantity    bigint      NOT NULL CHECK (quantity >= 0),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (merchant_id, usage_date, metric_type)
+);
+CREATE INDEX IF NOT EXISTS {usage_date_index} ON {usage_table} (usage_date);
+
+-- Dead letters: keys that could not be aggregated, one row per Redis key.
+CREATE TABLE IF NOT EXISTS {errors_table} (
+    redis_key   text        PRIMARY KEY,
+    usage_date  date        NOT NULL,
+    raw_value   text,
+    reason      text        NOT NULL,
+    first_seen  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now(),
+    times_seen  bigint      NOT NULL DEFAULT 1,
+    resolved_at timestamptz,
+    resolution  text
+);
+CREATE INDEX IF NOT EXISTS {errors_open_index} ON {errors_table} (usage_date) WHERE resolved_at IS NULL;
+
+-- Audit: one row per date per run, written in the same transaction as the data.
+CREATE TABLE IF NOT EXISTS {runs_table} (
+    id                bigserial   PRIMARY KEY,
+    dag_id            text,
+    run_id            text,
+    task_id           text,
+    usage_table       text        NOT NULL,
+    usage_date        date        NOT NULL,
+    merchant_id       text,
+    keys_found        bigint      NOT NULL,
+    rows_written      bigint      NOT NULL,
+    rows_unchanged    bigint      NOT NULL,
+    decreases_refused bigint      NOT NULL,
+    bad_keys          bigint      NOT NULL,
+    new_bad_keys      bigint      NOT NULL,
+    started_at        timestamptz NOT NULL,
+    finished_at       timestamptz NOT NULL DEFAULT now(),
+    outcome           text        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {runs_date_index} ON {runs_table} (usage_date, finished_at);

@@ -1,0 +1,90 @@
+"""Shared fixtures: the real Redis and PostgreSQL, each test with its own data.
+
+Services come from USAGE_AGG_REDIS_HOST/PORT and USAGE_AGG_PG_HOST/PORT/USER/DATABASE
+(set by tools/airflow-env.sh; the usual localhost ports otherwise). Each test gets an
+emptied Redis database of its own tier and a PostgreSQL schema of its own, dropped after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+
+REDIS_HOST = os.environ.get("USAGE_AGG_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("USAGE_AGG_REDIS_PORT", "6379"))
+PG_HOST = os.environ.get("USAGE_AGG_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("USAGE_AGG_PG_PORT", "5432"))
+PG_USER = os.environ.get("USAGE_AGG_PG_USER", "postgres")
+PG_DATABASE = os.environ.get("USAGE_AGG_PG_DATABASE", "test")
+PG_DSN = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={PG_DATABASE}"
+
+#: Redis databases by test tier, so a tier never sees another's keys.
+REDIS_DB = {"integration": 9, "dags": 10}
+
+
+@pytest.fixture
+def redis_client(request):
+    import redis
+
+    tier = request.path.parent.name
+    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=REDIS_DB.get(tier, 11))
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def pg_connect(driver: str = "psycopg2"):
+    if driver == "psycopg2":
+        import psycopg2
+
+        return psycopg2.connect(PG_DSN)
+    import psycopg
+
+    return psycopg.connect(PG_DSN)
+
+
+@pytest.fixture
+def pg_schema():
+    """A fresh schema name, dropped with everything in it afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    conn = pg_connect()
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    conn.close()
+
+
+@pytest.fixture
+def query():
+    """Run one read query on a separate connection and return all rows."""
+    conn = pg_connect()
+    conn.autocommit = True
+
+    def run(sql: str, params=None) -> list[tuple]:
+        with conn.cursor() as cur:
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    yield run
+    conn.close()
+
+
+@pytest.fixture
+def airflow_connections(monkeypatch, redis_client):
+    """Point the default connection ids at the test Redis database and PostgreSQL."""
+    db = redis_client.connection_pool.connection_kwargs["db"]
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_USAGE_REDIS",
+        json.dumps({"conn_type": "redis", "host": REDIS_HOST, "port": REDIS_PORT, "extra": {"db": db}}),
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_USAGE_POSTGRES",
+        json.dumps(
+            {"conn_type": "postgres", "host": PG_HOST, "port": PG_PORT, "login": PG_USER, "schema": PG_DATABASE}
+        ),
+    )

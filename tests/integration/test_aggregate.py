@@ -1,0 +1,285 @@
+"""Every semantic of the core against real Redis and PostgreSQL, with both drivers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+import pytest
+import redis
+
+from usage_agg.aggregate import aggregate_day
+from usage_agg.keys import build_key
+from usage_agg.tracking import track_usage
+
+DAY = "2025-11-01"
+
+
+def rows(query, table, day=DAY):
+    return dict(
+        ((m, t), q)
+        for m, t, q in query(f"SELECT merchant_id, metric_type, quantity FROM {table} WHERE usage_date = %s", (day,))
+    )
+
+
+def seed(client, counts: dict[tuple[str, str], int], day=DAY):
+    for (merchant, metric), amount in counts.items():
+        track_usage(client, merchant, metric, amount, usage_date=day)
+
+
+def test_rows_equal_redis_totals_and_reruns_never_double_count(redis_client, pg_conn, table, query):
+    seed(redis_client, {("acme", "queries"): 42, ("acme", "storage"): 7, ("globex", "queries"): 3})
+    first = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (first.keys_found, first.rows_written, first.rows_unchanged) == (3, 3, 0)
+    for _ in range(3):
+        again = aggregate_day(redis_client, pg_conn, DAY, table=table)
+        assert (again.rows_written, again.rows_unchanged) == (0, 3)
+    assert rows(query, table) == {("acme", "queries"): 42, ("acme", "storage"): 7, ("globex", "queries"): 3}
+
+
+def test_growing_counters_update_to_the_new_absolute_total(redis_client, pg_conn, table, query):
+    seed(redis_client, {("acme", "queries"): 10})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    seed(redis_client, {("acme", "queries"): 5})
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert result.rows_written == 1
+    assert rows(query, table) == {("acme", "queries"): 15}
+
+
+def test_unchanged_rows_are_not_rewritten(redis_client, pg_conn, table, query):
+    seed(redis_client, {("acme", "queries"): 10, ("globex", "queries"): 1})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    before = query(f"SELECT merchant_id, updated_at, xmin::text FROM {table} ORDER BY 1")
+    seed(redis_client, {("globex", "queries"): 1})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    after = query(f"SELECT merchant_id, updated_at, xmin::text FROM {table} ORDER BY 1")
+    assert after[0] == before[0]  # acme: same tuple, same updated_at
+    assert after[1][1] > before[1][1]  # globex changed
+
+
+def test_expired_keys_leave_stored_rows_alone(redis_client, pg_conn, table, query, caplog):
+    seed(redis_client, {("acme", "queries"): 42})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    redis_client.flushdb()
+    with caplog.at_level(logging.INFO, logger="usage_agg"):
+        result = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (result.keys_found, result.rows_written) == (0, 0)
+    assert rows(query, table) == {("acme", "queries"): 42}
+    assert "No usage keys in Redis for 2025-11-01" in caplog.text
+
+
+def test_a_lower_redis_value_is_refused_unless_allowed(redis_client, pg_conn, table, query):
+    seed(redis_client, {("acme", "queries"): 100, ("acme", "storage"): 5})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    redis_client.set(build_key("acme", DAY, "queries"), 60)  # Redis restarted and counted again
+
+    refused = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert refused.decreases_refused == 1
+    assert refused.refused_decrease_samples == [
+        {"merchant_id": "acme", "metric_type": "queries", "stored": 100, "redis": 60}
+    ]
+    assert rows(query, table)[("acme", "queries")] == 100
+
+    allowed = aggregate_day(redis_client, pg_conn, DAY, table=table, allow_decrease=True)
+    assert (allowed.decreases_refused, allowed.rows_written) == (0, 1)
+    assert rows(query, table) == {("acme", "queries"): 60, ("acme", "storage"): 5}
+
+
+class FailingAfterFirstBatch:
+    """A real Redis client whose connection drops after the first batch was read."""
+
+    def __init__(self, client):
+        self.client = client
+        self.pipelines = 0
+
+    def scan_iter(self, **kwargs):
+        return self.client.scan_iter(**kwargs)
+
+    def pipeline(self, **kwargs):
+        self.pipelines += 1
+        if self.pipelines > 1:
+            raise redis.ConnectionError("Connection reset by peer (injected)")
+        return self.client.pipeline(**kwargs)
+
+
+def test_a_run_failing_part_way_leaves_the_date_as_it_was(redis_client, pg_conn, table, query):
+    seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(50)})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    before = rows(query, table)
+    seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(60)})  # 50 grow, 10 new
+
+    with pytest.raises(redis.ConnectionError):
+        aggregate_day(FailingAfterFirstBatch(redis_client), pg_conn, DAY, table=table, batch_size=10)
+    assert rows(query, table) == before
+    assert query(f"SELECT count(*) FROM {table.rsplit('.', 1)[0]}.usage_aggregation_runs")[0][0] == 1
+
+    aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
+    assert rows(query, table) == {(f"m{i:03d}", "queries"): (2 if i < 50 else 1) for i in range(60)}
+
+
+MERCHANTS = ["a", "a*", "ab", "a?c", "a[b]c", "[ab]", "a\\*", "a\\", "x:y", "x:2025-11-01:y", "^a", "a-b", "*"]
+
+
+def test_glob_characters_and_colons_in_merchant_ids(redis_client, pg_conn, table, query):
+    seed(redis_client, {(m, "queries"): i + 1 for i, m in enumerate(MERCHANTS)})
+    seed(redis_client, {("x", "queries"): 99}, day="2025-11-02")  # usage:x:2025-11-01:y:... lookalikes
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert result.keys_found == len(MERCHANTS)
+    assert rows(query, table) == {(m, "queries"): i + 1 for i, m in enumerate(MERCHANTS)}
+
+
+@pytest.mark.parametrize("merchant", MERCHANTS)
+def test_a_merchant_rerun_touches_that_merchant_alone(redis_client, pg_conn, table, query, merchant):
+    seed(redis_client, {(m, "queries"): 1 for m in MERCHANTS})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    seed(redis_client, {(m, "queries"): 10 for m in MERCHANTS})
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table, merchant_id=merchant)
+    assert (result.keys_found, result.rows_written) == (1, 1)
+    assert rows(query, table) == {(m, "queries"): (11 if m == merchant else 1) for m in MERCHANTS}
+
+
+UNICODE_AND_AWKWARD = ["café", "商户-42", "🛒shop", 'quote"d', "comma,id", "tab\tid", "new\nline", "\\.", "back\\slash"]
+
+
+def test_unicode_and_awkward_ids_round_trip(redis_client, pg_conn, table, query):
+    seed(redis_client, {(m, "métrique"): i + 1 for i, m in enumerate(UNICODE_AND_AWKWARD)})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert rows(query, table) == {(m, "métrique"): i + 1 for i, m in enumerate(UNICODE_AND_AWKWARD)}
+
+
+BAD_KEYS = {
+    b"usage:text:2025-11-01:q": (b"abc", "not a non-negative integer"),
+    b"usage:neg:2025-11-01:q": (b"-5", "negative"),
+    b"usage:float:2025-11-01:q": (b"1.5", "not a non-negative integer"),
+    b"usage:huge:2025-11-01:q": (str(2**63).encode(), "bigint"),
+    b"usage::2025-11-01:q": (b"1", "merchant id is empty"),
+    b"usage:\xff\xfe:2025-11-01:q": (b"1", "not valid UTF-8"),
+    b"usage:nul\x00:2025-11-01:q": (b"1", "NUL"),
+}
+
+
+def test_bad_keys_never_block_good_ones_and_are_recorded(redis_client, pg_conn, table, pg_schema, query):
+    seed(redis_client, {("good", "queries"): 5, ("good", "storage"): 6})
+    for key, (value, _) in BAD_KEYS.items():
+        redis_client.set(key, value)
+    redis_client.rpush(b"usage:list:2025-11-01:q", b"1")
+    redis_client.hset(b"usage:hash:2025-11-01:q", b"f", b"1")
+
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert rows(query, table) == {("good", "queries"): 5, ("good", "storage"): 6}
+    assert (result.keys_found, result.bad_keys, result.new_bad_keys) == (2 + 9, 9, 9)
+    reasons = dict(query(f"SELECT redis_key, reason FROM {pg_schema}.usage_aggregation_errors"))
+    for key, (_, reason) in BAD_KEYS.items():
+        text = key.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+        assert reason in reasons[text]
+    assert "list" in reasons["usage:list:2025-11-01:q"] and "hash" in reasons["usage:hash:2025-11-01:q"]
+
+
+def test_the_same_bad_key_is_new_once_and_again_only_when_it_changes(redis_client, pg_conn, table, pg_schema, query):
+    redis_client.set("usage:m:2025-11-01:q", "oops")
+    assert aggregate_day(redis_client, pg_conn, DAY, table=table).new_bad_keys == 1
+    assert aggregate_day(redis_client, pg_conn, DAY, table=table).new_bad_keys == 0
+    redis_client.set("usage:m:2025-11-01:q", "oops2")
+    assert aggregate_day(redis_client, pg_conn, DAY, table=table).new_bad_keys == 1
+    assert query(f"SELECT times_seen, resolved_at FROM {pg_schema}.usage_aggregation_errors") == [(3, None)]
+
+    redis_client.set("usage:m:2025-11-01:q", 7)  # fixed at the source
+    fixed = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (fixed.bad_keys, fixed.rows_written) == (0, 1)
+    assert query(f"SELECT resolution FROM {pg_schema}.usage_aggregation_errors") == [("fixed",)]
+
+
+def test_a_dismissed_bad_key_stays_dismissed_while_unchanged(redis_client, pg_conn, table, pg_schema, query):
+    redis_client.set("usage:m:2025-11-01:q", "oops")
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    query(
+        f"UPDATE {pg_schema}.usage_aggregation_errors SET resolved_at = now(), resolution = 'dismissed' RETURNING 1"
+    )
+    assert aggregate_day(redis_client, pg_conn, DAY, table=table).new_bad_keys == 0
+    assert query(f"SELECT resolution FROM {pg_schema}.usage_aggregation_errors") == [("dismissed",)]
+
+
+def test_counters_of_other_days_are_not_touched(redis_client, pg_conn, table, query):
+    seed(redis_client, {("acme", "queries"): 1}, day="2025-10-31")
+    seed(redis_client, {("acme", "queries"): 2}, day=DAY)
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert query(f"SELECT usage_date, quantity FROM {table}") == [(dt.date(2025, 11, 1), 2)]
+
+
+def test_batches_stream_in_bulk(redis_client, pg_conn, table, query):
+    seed(redis_client, {(f"m{i}", "q"): i + 1 for i in range(2_500)})
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=100, scan_count=50)
+    assert (result.keys_found, result.rows_written) == (2_500, 2_500)
+    assert query(f"SELECT count(*), sum(quantity) FROM {table}")[0] == (2_500, sum(range(1, 2_501)))
+
+
+def test_logs_read_like_the_original_job(redis_client, pg_conn, table, caplog):
+    seed(redis_client, {("acme", "queries"): 1, ("acme", "storage"): 2})
+    redis_client.set("usage:bad:2025-11-01:q", "x")
+    with caplog.at_level(logging.INFO, logger="usage_agg"):
+        aggregate_day(redis_client, pg_conn, DAY, table=table)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Starting aggregation for date: 2025-11-01" in messages
+    assert "Found 3 usage keys to process" in messages
+    assert any(m.startswith("Completed. Records aggregated: 2, Errors: 1") for m in messages)
+    assert not any(r.levelno == logging.DEBUG for r in caplog.records)
+
+
+def test_schema_matches_the_contract(redis_client, pg_conn, table, pg_schema, query):
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    columns = dict(
+        query(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = %s AND table_name = %s",
+            (pg_schema, "merchant_usage"),
+        )
+    )
+    assert columns == {
+        "merchant_id": "text",
+        "usage_date": "date",
+        "metric_type": "text",
+        "quantity": "bigint",
+        "created_at": "timestamp with time zone",
+        "updated_at": "timestamp with time zone",
+    }
+    pk = query(
+        """SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+           WHERE i.indrelid = %s::regclass AND i.indisprimary ORDER BY array_position(i.indkey, a.attnum)""",
+        (table,),
+    )
+    assert [c for (c,) in pk] == ["merchant_id", "usage_date", "metric_type"]
+    with pytest.raises(Exception, match="check"):
+        query(f"INSERT INTO {table} (merchant_id, usage_date, metric_type, quantity) VALUES ('m', %s, 'q', -1)", (DAY,))
+
+
+def test_an_injected_table_name_is_refused_before_any_sql(redis_client, pg_conn, pg_schema):
+    with pytest.raises(ValueError, match="^table: "):
+        aggregate_day(redis_client, pg_conn, DAY, table=f"{pg_schema}.x; DROP TABLE y")
+
+
+def test_writers_of_the_same_date_wait_for_each_other_bounded(redis_client, pg_conn, table, query):
+    from tests.conftest import pg_connect
+
+    seed(redis_client, {("acme", "queries"): 1})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)  # creates the schema
+    holder = pg_connect()
+    try:
+        with holder.cursor() as cur:  # another writer holds the date
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"usage_agg {table}", dt.date(2025, 11, 1).toordinal()))
+        with pytest.raises(Exception, match="lock timeout"):
+            aggregate_day(redis_client, pg_conn, DAY, table=table, lock_timeout=dt.timedelta(milliseconds=300))
+        pg_conn.rollback()
+        # another date is not blocked
+        aggregate_day(redis_client, pg_conn, "2025-11-02", table=table, lock_timeout=dt.timedelta(milliseconds=300))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert aggregate_day(redis_client, pg_conn, DAY, table=table).rows_unchanged == 1
+
+
+def test_tracking_counts_and_sets_the_seven_day_expiry_in_one_round_trip(redis_client):
+    assert track_usage(redis_client, "acme", "queries", 3, usage_date=DAY) == 3
+    assert track_usage(redis_client, "acme", "queries", usage_date=DAY) == 4
+    ttl = redis_client.ttl(build_key("acme", DAY, "queries"))
+    assert 7 * 86400 - 5 <= ttl <= 7 * 86400
+    with pytest.raises(ValueError, match="amount"):
+        track_usage(redis_client, "acme", "queries", -1)

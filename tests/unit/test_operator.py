@@ -1,0 +1,89 @@
+"""The operator's own logic; the aggregation itself is tested against real services."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+from airflow.providers.common.compat.sdk import AirflowFailException
+
+from usage_agg.aggregate import AggregationResult
+from usage_agg.operators import RedisUsageToPostgresOperator, as_bool, resolve_usage_date
+
+
+def test_template_fields_are_a_tuple_with_the_contract_fields():
+    fields = RedisUsageToPostgresOperator.template_fields
+    assert isinstance(fields, tuple)
+    assert {"usage_date", "merchant_id", "table", "redis_conn_id", "postgres_conn_id"} <= set(fields)
+
+
+def test_constructor_opens_no_connection(mocker):
+    redis_hook = mocker.patch("airflow.providers.redis.hooks.redis.RedisHook")
+    pg_hook = mocker.patch("airflow.providers.postgres.hooks.postgres.PostgresHook")
+    RedisUsageToPostgresOperator(task_id="t", usage_date="2025-11-01")
+    redis_hook.assert_not_called()
+    pg_hook.assert_not_called()
+
+
+def test_resolve_usage_date_prefers_explicit_then_ds_then_today_utc():
+    assert resolve_usage_date("2025-11-01", {"ds": "2025-12-24"}) == dt.date(2025, 11, 1)
+    assert resolve_usage_date(None, {"ds": "2025-12-24"}, -1) == dt.date(2025, 12, 23)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    assert resolve_usage_date(None, {}) in (today, dt.datetime.now(dt.timezone.utc).date())
+    assert resolve_usage_date("", {}, -1) == resolve_usage_date(None, {}) - dt.timedelta(days=1)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), ("True", True), ("false", False)])
+def test_as_bool_accepts_booleans_and_their_rendered_form(value, expected):
+    assert as_bool(value, field="allow_decrease") is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "1", 1, None])
+def test_as_bool_refuses_anything_else(value):
+    with pytest.raises(ValueError, match="^allow_decrease: "):
+        as_bool(value, field="allow_decrease")
+
+
+def _run_with_result(mocker, result: AggregationResult):
+    mocker.patch("airflow.providers.redis.hooks.redis.RedisHook")
+    mocker.patch("airflow.providers.postgres.hooks.postgres.PostgresHook")
+    aggregate = mocker.patch("usage_agg.operators.aggregate_day", return_value=result)
+    ti = mocker.MagicMock(dag_id="d", run_id="r", task_id="t", map_index=-1)
+    operator = RedisUsageToPostgresOperator(task_id="t", usage_date="2025-11-01")
+    return operator, aggregate, ti
+
+
+def test_execute_returns_a_json_serialisable_result(mocker):
+    result = AggregationResult(usage_date="2025-11-01", merchant_id=None, table="merchant_usage", keys_found=3)
+    operator, aggregate, ti = _run_with_result(mocker, result)
+    payload = operator.execute({"ti": ti})
+    assert json.loads(json.dumps(payload))["keys_found"] == 3
+    for key in ("usage_date", "merchant_id", "keys_found", "rows_written", "rows_unchanged", "decreases_refused", "bad_keys"):
+        assert key in payload
+    assert aggregate.call_args.kwargs["audit"] == {"dag_id": "d", "run_id": "r", "task_id": "t"}
+
+
+def test_new_bad_keys_fail_without_retry_after_publishing_the_result(mocker):
+    result = AggregationResult(
+        usage_date="2025-11-01", merchant_id=None, table="merchant_usage", keys_found=3, bad_keys=1, new_bad_keys=1
+    )
+    operator, _, ti = _run_with_result(mocker, result)
+    with pytest.raises(AirflowFailException, match="1 new bad key"):
+        operator.execute({"ti": ti})
+    ti.xcom_push.assert_called_once()
+    assert ti.xcom_push.call_args.kwargs["value"]["bad_keys"] == 1
+
+
+def test_known_bad_keys_do_not_fail_the_task(mocker):
+    result = AggregationResult(usage_date="2025-11-01", merchant_id=None, table="merchant_usage", keys_found=3, bad_keys=1)
+    operator, _, ti = _run_with_result(mocker, result)
+    assert operator.execute({"ti": ti})["bad_keys"] == 1
+
+
+def test_a_bad_date_is_a_configuration_error_not_retried(mocker):
+    operator, aggregate, ti = _run_with_result(mocker, AggregationResult("x", None, "t"))
+    operator.usage_date = "2025-11-31"
+    with pytest.raises(AirflowFailException, match="usage_date"):
+        operator.execute({"ti": ti})
+    aggregate.assert_not_called()

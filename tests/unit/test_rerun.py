@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from usage_agg.rerun import RerunRequestError, validate_rerun_request
+
+TODAY = dt.date(2025, 11, 20)
+
+
+def test_a_single_date_expands_to_one_task():
+    request = validate_rerun_request("acme", "2025-11-01", today=TODAY)
+    assert request.task_kwargs() == [{"usage_date": "2025-11-01", "merchant_id": "acme", "allow_decrease": False}]
+
+
+def test_a_range_is_inclusive():
+    request = validate_rerun_request("acme", "2025-11-01", "2025-11-03", True, today=TODAY)
+    assert [kw["usage_date"] for kw in request.task_kwargs()] == ["2025-11-01", "2025-11-02", "2025-11-03"]
+    assert all(kw["allow_decrease"] is True for kw in request.task_kwargs())
+
+
+def test_empty_end_date_means_one_day():
+    assert len(validate_rerun_request("acme", "2025-11-01", "", today=TODAY).dates) == 1
+
+
+def test_thirty_one_days_is_the_limit():
+    assert len(validate_rerun_request("m", "2025-10-01", "2025-10-31", today=TODAY).dates) == 31
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "detail"),
+    [
+        ({"merchant_id": None, "date": "2025-11-01"}, "merchant_id", "required"),
+        ({"merchant_id": "", "date": "2025-11-01"}, "merchant_id", "required"),
+        ({"merchant_id": "   ", "date": "2025-11-01"}, "merchant_id", "required"),
+        ({"merchant_id": 42, "date": "2025-11-01"}, "merchant_id", "string"),
+        ({"merchant_id": "m", "date": None}, "date", "required"),
+        ({"merchant_id": "m", "date": "2025-11-1"}, "date", "YYYY-MM-DD"),
+        ({"merchant_id": "m", "date": "01/11/2025"}, "date", "YYYY-MM-DD"),
+        ({"merchant_id": "m", "date": "2025-02-30"}, "date", "not a valid calendar date"),
+        ({"merchant_id": "m", "date": "2025-11-01", "end_date": "2025-11"}, "end_date", "YYYY-MM-DD"),
+        ({"merchant_id": "m", "date": "2025-11-05", "end_date": "2025-11-04"}, "end_date", "before date"),
+        ({"merchant_id": "m", "date": "2025-10-01", "end_date": "2025-11-01"}, "end_date", "at most 31"),
+        ({"merchant_id": "m", "date": "2025-11-21"}, "date", "future"),
+        ({"merchant_id": "m", "date": "2025-11-19", "end_date": "2025-11-21"}, "end_date", "future"),
+        ({"merchant_id": "m", "date": "2025-11-01", "allow_decrease": "yes"}, "allow_decrease", "true or false"),
+    ],
+)
+def test_bad_requests_are_refused_naming_the_field(kwargs, field, detail):
+    with pytest.raises(RerunRequestError, match=rf"^{field}: .*{detail}"):
+        validate_rerun_request(**kwargs, today=TODAY)
