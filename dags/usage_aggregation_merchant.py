@@ -63,7 +63,7 @@ with DAG(
 ) as dag:
 
     @task
-    def validate_request(params: dict | None = None) -> list[dict]:
+    def validate_request(params: dict | None = None) -> list[str]:
         """Refuse a bad request before any data is touched; expand it to one task per date."""
         params = params or {}
         try:
@@ -75,11 +75,16 @@ with DAG(
             )
         except RerunRequestError as err:
             raise AirflowFailException(f"Refused: {err}") from None
-        return request.task_kwargs()
+        return [day.isoformat() for day in request.dates]
 
+    # Only the validated dates travel through XCom: Airflow 3 renders expanded values
+    # as templates, so a merchant id there could run Jinja. A template's output, as
+    # here, is never rendered again, whatever the merchant id contains.
     RedisUsageToPostgresOperator.partial(
         task_id="aggregate_merchant_day",
+        merchant_id="{{ params.merchant_id }}",
+        allow_decrease="{{ params.allow_decrease }}",
         table=dag_config.usage_table(),
         redis_conn_id=dag_config.redis_conn_id(),
         postgres_conn_id=dag_config.postgres_conn_id(),
-    ).expand_kwargs(validate_request())
+    ).expand(usage_date=validate_request())

@@ -26,13 +26,6 @@ class RerunRequest:
     dates: tuple[dt.date, ...]
     allow_decrease: bool
 
-    def task_kwargs(self) -> list[dict]:
-        """One operator's arguments per date, for ``expand_kwargs``."""
-        return [
-            {"usage_date": day.isoformat(), "merchant_id": self.merchant_id, "allow_decrease": self.allow_decrease}
-            for day in self.dates
-        ]
-
 
 def validate_rerun_request(
     merchant_id: object,

@@ -11,13 +11,13 @@ TODAY = dt.date(2025, 11, 20)
 
 def test_a_single_date_expands_to_one_task():
     request = validate_rerun_request("acme", "2025-11-01", today=TODAY)
-    assert request.task_kwargs() == [{"usage_date": "2025-11-01", "merchant_id": "acme", "allow_decrease": False}]
+    assert (request.merchant_id, request.dates, request.allow_decrease) == ("acme", (dt.date(2025, 11, 1),), False)
 
 
 def test_a_range_is_inclusive():
     request = validate_rerun_request("acme", "2025-11-01", "2025-11-03", True, today=TODAY)
-    assert [kw["usage_date"] for kw in request.task_kwargs()] == ["2025-11-01", "2025-11-02", "2025-11-03"]
-    assert all(kw["allow_decrease"] is True for kw in request.task_kwargs())
+    assert [d.isoformat() for d in request.dates] == ["2025-11-01", "2025-11-02", "2025-11-03"]
+    assert request.allow_decrease is True
 
 
 def test_empty_end_date_means_one_day():
