@@ -20,7 +20,7 @@ test-%: .venv-airflow-%/installed
 
 # Seed a few days of usage, run the hourly DAG with the Airflow CLI, print the rows.
 demo: services $(call venv,$(DEMO_AIRFLOW))/installed
-	tools/airflow-env.sh $(DEMO_AIRFLOW) tools/demo.sh $(call venv,$(DEMO_AIRFLOW))
+	tools/airflow-env.sh $(DEMO_AIRFLOW) tools/demo.sh
 
 # Make sure Redis and PostgreSQL answer (start them, or embedded ones, when down).
 services:

@@ -22,7 +22,7 @@ PG_DATABASE = os.environ.get("USAGE_AGG_PG_DATABASE", "test")
 PG_DSN = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={PG_DATABASE}"
 
 #: Redis databases by test tier, so a tier never sees another's keys.
-REDIS_DB = {"integration": 9, "dags": 10}
+REDIS_DB = {"integration": 9, "dags": 10, "e2e": 12}
 
 
 @pytest.fixture
@@ -88,3 +88,11 @@ def airflow_connections(monkeypatch, redis_client):
             {"conn_type": "postgres", "host": PG_HOST, "port": PG_PORT, "login": PG_USER, "schema": PG_DATABASE}
         ),
     )
+
+
+@pytest.fixture
+def usage_env(monkeypatch, airflow_connections, pg_schema):
+    """DAGs parsed (and CLI commands run) against a table in this test's own schema."""
+    table = f"{pg_schema}.merchant_usage"
+    monkeypatch.setenv("USAGE_AGG_TABLE", table)
+    return table

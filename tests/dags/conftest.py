@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from airflow import __version__ as AIRFLOW_VERSION
 from packaging.version import Version
 
@@ -52,11 +51,3 @@ def run_dag(dag_id: str, *, logical_date=..., conf: dict | None = None) -> dict[
         (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(getattr(ti.state, "value", ti.state))
         for ti in dag_run.get_task_instances()
     }
-
-
-@pytest.fixture
-def usage_env(monkeypatch, airflow_connections, pg_schema):
-    """DAGs parsed against a table in this test's own schema; returns that table."""
-    table = f"{pg_schema}.merchant_usage"
-    monkeypatch.setenv("USAGE_AGG_TABLE", table)
-    return table

@@ -1,0 +1,7 @@
+# The Airflow image of docker-compose.yaml, with usage-agg installed as a provider.
+FROM apache/airflow:3.3.2-python3.11
+COPY --chown=airflow:root setup.cfg pyproject.toml README.md /opt/usage-agg/
+COPY --chown=airflow:root constraints /opt/usage-agg/constraints
+COPY --chown=airflow:root plugins /opt/usage-agg/plugins
+RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" \
+        -c /opt/usage-agg/constraints/airflow-3.3.txt /opt/usage-agg
