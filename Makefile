@@ -15,7 +15,7 @@ SOURCES := setup.cfg pyproject.toml $(shell find plugins -name '*.py' -o -name '
 # The whole suite, on every supported Airflow version.
 test: services $(addprefix test-,$(AIRFLOW_VERSIONS))
 
-test-%: .venv-airflow-%/installed
+$(addprefix test-,$(AIRFLOW_VERSIONS)): test-%: .venv-airflow-%/installed
 	tools/airflow-env.sh $* $(call venv,$*)/bin/python -m pytest $(PYTEST_ARGS)
 
 # Seed a few days of usage, run the hourly DAG with the Airflow CLI, print the rows.
