@@ -42,4 +42,5 @@ constraints:
 	rm -f .airflow-pin.txt
 
 clean:
-	rm -rf .venv-airflow-* .airflow-* build plugins/*.egg-info
+	tools/services.sh stop
+	rm -rf .venv-airflow-* .airflow-* .services build plugins/*.egg-info
