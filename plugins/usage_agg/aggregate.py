@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from usage_agg.keys import parse_date
-from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, SchemaNames, ensure_schema
+from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, SchemaNames, ensure_schema, record_failed_run
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, read_day
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,44 @@ def aggregate_day(
     scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
     logger.info("Starting aggregation for date: %s%s", result.usage_date, scope)
 
-    with DayWriter(pg_conn, names, day, allow_decrease=allow_decrease, lock_timeout=lock_timeout) as writer:
-        for batch in read_day(redis_client, day, merchant_id, batch_size=batch_size, scan_count=scan_count):
+    audit_base = {**(audit or {}), "usage_table": result.table, "usage_date": day, "started_at": started_at}
+    try:
+        _aggregate_in_one_transaction(
+            redis_client, pg_conn, names, day, result, audit_base, logger, scope,
+            lock_timeout=lock_timeout, batch_size=batch_size, scan_count=scan_count,
+        )  # fmt: skip
+    except Exception as err:
+        _audit_failure(pg_conn, names, result, audit_base, err, logger)
+        raise
+
+    result.duration_seconds = round(time.monotonic() - started, 3)
+    if result.bad_keys > BAD_KEY_LOG_LIMIT:
+        logger.warning(
+            "%d more bad keys not listed here; all are in %s", result.bad_keys - BAD_KEY_LOG_LIMIT, names.errors
+        )
+    if result.decreases_refused:
+        logger.warning(
+            "Refused to lower %d stored totals to a smaller Redis value (Redis restarted or evicted keys?); "
+            "rerun with allow_decrease to accept them. First ones: %s",
+            result.decreases_refused,
+            result.refused_decrease_samples,
+        )
+    logger.info(
+        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, decreases refused: %d)",
+        result.records_aggregated,
+        result.bad_keys,
+        result.rows_written,
+        result.rows_unchanged,
+        result.decreases_refused,
+    )
+    return result
+
+
+def _aggregate_in_one_transaction(
+    redis_client, pg_conn, names, day, result, audit_base, logger, scope, *, lock_timeout, batch_size, scan_count
+) -> None:
+    with DayWriter(pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout) as writer:
+        for batch in read_day(redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count):
             writer.stage(batch.counters)
             result.new_bad_keys += writer.record_bad_keys(batch.bad_keys)
             result.keys_found += len(batch.counters) + len(batch.bad_keys)
@@ -109,38 +145,25 @@ def aggregate_day(
         result.rows_unchanged = merged.rows_unchanged
         result.decreases_refused = merged.decreases_refused
         result.refused_decrease_samples = merged.refused_samples
-        result.duration_seconds = round(time.monotonic() - started, 3)
-        writer.record_run(
-            {
-                **(audit or {}),
-                **result.to_dict(),
-                "usage_table": result.table,
-                "usage_date": day,
-                "started_at": started_at,
-                "outcome": _outcome(result),
-            }
-        )
+        writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
 
-    if result.bad_keys > BAD_KEY_LOG_LIMIT:
-        logger.warning(
-            "%d more bad keys not listed here; all are in %s", result.bad_keys - BAD_KEY_LOG_LIMIT, names.errors
+
+def _audit_failure(pg_conn, names, result, audit_base, err, logger) -> None:
+    """Best effort: the date's transaction is rolled back, but the audit should show the attempt."""
+    try:
+        pg_conn.rollback()
+        record_failed_run(
+            pg_conn, names, {**audit_base, **_counts(result), "outcome": "failed", "error": f"{type(err).__name__}: {err}"[:1000]}
         )
-    if result.decreases_refused:
-        logger.warning(
-            "Refused to lower %d stored totals to a smaller Redis value (Redis restarted or evicted keys?); "
-            "rerun with allow_decrease to accept them. First ones: %s",
-            result.decreases_refused,
-            result.refused_decrease_samples,
-        )
-    logger.info(
-        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, decreases refused: %d)",
-        result.records_aggregated,
-        result.bad_keys,
-        result.rows_written,
-        result.rows_unchanged,
-        result.decreases_refused,
-    )
-    return result
+    except Exception as audit_err:  # the connection itself may be what failed
+        logger.warning("Could not record the failed run in %s: %s", names.runs, audit_err)
+
+
+def _counts(result: AggregationResult) -> dict:
+    return {
+        key: getattr(result, key)
+        for key in ("merchant_id", "keys_found", "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys")
+    }
 
 
 def _report_bad_key(logger, result: AggregationResult, bad) -> None:

@@ -32,14 +32,24 @@ _STAGE = "pg_temp.usage_agg_stage"
 
 @dataclass(frozen=True)
 class SchemaNames:
+    """The usage table and what is created beside it, in the same schema."""
+
     usage: TableName
     errors: TableName
     runs: TableName
+    weekly: TableName
+    monthly: TableName
 
     @classmethod
     def for_table(cls, table: str | TableName) -> SchemaNames:
         usage = table if isinstance(table, TableName) else TableName.parse(table)
-        return cls(usage, usage.sibling(ERRORS_TABLE), usage.sibling(RUNS_TABLE))
+        return cls(
+            usage,
+            usage.sibling(ERRORS_TABLE),
+            usage.sibling(RUNS_TABLE),
+            usage.sibling(f"{usage.name[:55]}_weekly"),
+            usage.sibling(f"{usage.name[:55]}_monthly"),
+        )
 
     def ddl(self) -> str:
         template = resources.files("usage_agg").joinpath("sql/schema.sql").read_text("utf-8")
@@ -47,6 +57,8 @@ class SchemaNames:
             usage_table=self.usage.quoted,
             errors_table=self.errors.quoted,
             runs_table=self.runs.quoted,
+            weekly_view=self.weekly.quoted,
+            monthly_view=self.monthly.quoted,
             usage_date_index=_index_name(self.usage, "usage_date_idx"),
             errors_open_index=_index_name(self.errors, "open_idx"),
             runs_date_index=_index_name(self.runs, "date_idx"),
@@ -64,6 +76,8 @@ def ensure_schema(conn, table: str | TableName) -> SchemaNames:
     transaction-level advisory lock on the table name makes them take turns.
     """
     names = SchemaNames.for_table(table)
+    if schema_exists(conn, names):  # the usual case: no DDL, no locks
+        return names
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s)::bigint)", (f"usage_agg schema {names.usage}",))
         if names.usage.schema:
@@ -71,6 +85,18 @@ def ensure_schema(conn, table: str | TableName) -> SchemaNames:
         cur.execute(names.ddl())
     conn.commit()
     return names
+
+
+def schema_exists(conn, names: SchemaNames) -> bool:
+    """Whether every table and view of the schema exists (read-only; ends its transaction)."""
+    objects = (names.usage, names.errors, names.runs, names.weekly, names.monthly)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) AS n", ([o.quoted for o in objects],)
+        )
+        found = cur.fetchone()[0]
+    conn.rollback()
+    return found == len(objects)
 
 
 @dataclass
@@ -255,16 +281,27 @@ class DayWriter:
 
     def record_run(self, audit: dict) -> None:
         """Write the audit row for this date, inside the same transaction as the data."""
-        columns = (
-            "dag_id", "run_id", "task_id", "usage_table", "usage_date", "merchant_id", "keys_found",
-            "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys",
-            "started_at", "outcome",
-        )  # fmt: skip
-        placeholders = ", ".join(f"%({c})s" for c in columns)
-        self._cur.execute(
-            f"INSERT INTO {self.names.runs.quoted} ({', '.join(columns)}) VALUES ({placeholders})",
-            {c: audit.get(c) for c in columns},
-        )
+        insert_run(self._cur, self.names, audit)
+
+
+def record_failed_run(conn, names: SchemaNames, audit: dict) -> None:
+    """Audit a run whose transaction was rolled back, in a transaction of its own."""
+    with conn.cursor() as cur:
+        insert_run(cur, names, audit)
+    conn.commit()
+
+
+def insert_run(cur, names: SchemaNames, audit: dict) -> None:
+    columns = (
+        "dag_id", "run_id", "task_id", "usage_table", "usage_date", "merchant_id", "keys_found",
+        "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys",
+        "started_at", "outcome", "error",
+    )  # fmt: skip
+    placeholders = ", ".join(f"%({c})s" for c in columns)
+    cur.execute(
+        f"INSERT INTO {names.runs.quoted} ({', '.join(columns)}) VALUES ({placeholders})",
+        {c: audit.get(c) for c in columns},
+    )
 
 
 def _pg_text(text: str) -> str:

@@ -111,7 +111,8 @@ def test_a_run_failing_part_way_leaves_the_date_as_it_was(redis_client, pg_conn,
     with pytest.raises(redis.ConnectionError):
         aggregate_day(FailingAfterFirstBatch(redis_client), pg_conn, DAY, table=table, batch_size=10)
     assert rows(query, table) == before
-    assert query(f"SELECT count(*) FROM {table.rsplit('.', 1)[0]}.usage_aggregation_runs")[0][0] == 1
+    outcomes = query(f"SELECT outcome, error FROM {table.rsplit('.', 1)[0]}.usage_aggregation_runs ORDER BY id")
+    assert outcomes == [("success", None), ("failed", "ConnectionError: Connection reset by peer (injected)")]
 
     aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
     assert rows(query, table) == {(f"m{i:03d}", "queries"): (2 if i < 50 else 1) for i in range(60)}
@@ -283,3 +284,14 @@ def test_tracking_counts_and_sets_the_seven_day_expiry_in_one_round_trip(redis_c
     assert 7 * 86400 - 5 <= ttl <= 7 * 86400
     with pytest.raises(ValueError, match="amount"):
         track_usage(redis_client, "acme", "queries", -1)
+
+
+def test_weekly_and_monthly_rollups_follow_iso_weeks_and_months(redis_client, pg_conn, table, pg_schema, query):
+    # 2024-12-30 and 2025-01-05 are both in ISO week 2025-W01; 2025-01-06 starts W02.
+    for day, amount in (("2024-12-30", 1), ("2024-12-31", 2), ("2025-01-05", 4), ("2025-01-06", 8)):
+        track_usage(redis_client, "acme", "queries", amount, usage_date=day)
+        aggregate_day(redis_client, pg_conn, day, table=table)
+    weekly = query(f"SELECT iso_week, week_start::text, quantity, days_with_usage FROM {table}_weekly ORDER BY 1")
+    assert weekly == [("2025-W01", "2024-12-30", 7, 3), ("2025-W02", "2025-01-06", 8, 1)]
+    monthly = query(f"SELECT month, quantity FROM {table}_monthly ORDER BY 1")
+    assert monthly == [("2024-12", 3), ("2025-01", 12)]

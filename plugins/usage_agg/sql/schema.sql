@@ -44,6 +44,31 @@ CREATE TABLE IF NOT EXISTS {runs_table} (
     new_bad_keys      bigint      NOT NULL,
     started_at        timestamptz NOT NULL,
     finished_at       timestamptz NOT NULL DEFAULT now(),
-    outcome           text        NOT NULL
+    outcome           text        NOT NULL,
+    error             text
 );
 CREATE INDEX IF NOT EXISTS {runs_date_index} ON {runs_table} (usage_date, finished_at);
+
+-- Other windows over the daily rows, so analytics needs no second job.
+-- ISO weeks start on Monday; iso_week reads like 2025-W01 (a week can straddle a year).
+CREATE OR REPLACE VIEW {weekly_view} AS
+SELECT merchant_id,
+       metric_type,
+       date_trunc('week', usage_date)::date                          AS week_start,
+       to_char(usage_date, 'IYYY-"W"IW')                             AS iso_week,
+       sum(quantity)::bigint                                         AS quantity,
+       count(*)                                                      AS days_with_usage,
+       max(updated_at)                                               AS updated_at
+FROM {usage_table}
+GROUP BY merchant_id, metric_type, date_trunc('week', usage_date), to_char(usage_date, 'IYYY-"W"IW');
+
+CREATE OR REPLACE VIEW {monthly_view} AS
+SELECT merchant_id,
+       metric_type,
+       date_trunc('month', usage_date)::date                         AS month_start,
+       to_char(usage_date, 'YYYY-MM')                                AS month,
+       sum(quantity)::bigint                                         AS quantity,
+       count(*)                                                      AS days_with_usage,
+       max(updated_at)                                               AS updated_at
+FROM {usage_table}
+GROUP BY merchant_id, metric_type, date_trunc('month', usage_date), to_char(usage_date, 'YYYY-MM');

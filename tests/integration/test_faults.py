@@ -1,0 +1,135 @@
+"""Services cut for real in the middle of a run: a date is untouched or complete, never half-written."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from tests.conftest import pg_connect
+from usage_agg.aggregate import aggregate_day
+from usage_agg.tracking import track_usage
+
+DAY = "2025-11-01"
+MERCHANTS = 300
+
+
+def seed(client, amount: int) -> None:
+    for i in range(MERCHANTS):
+        track_usage(client, f"m{i:04d}", "queries", amount, usage_date=DAY)
+
+
+def stored(query, table) -> dict[str, int]:
+    return dict(query(f"SELECT merchant_id, quantity FROM {table}"))
+
+
+def redis_totals(client) -> dict[str, int]:
+    return {k.decode().split(":")[1]: int(client.get(k)) for k in client.scan_iter(match=f"usage:*:{DAY}:*")}
+
+
+class CutAfterFirstBatch:
+    """The real client; before the second batch is read, ``cut()`` really breaks a connection."""
+
+    def __init__(self, client, cut):
+        self.client, self.cut, self.batches = client, cut, 0
+
+    def scan_iter(self, **kwargs):
+        return self.client.scan_iter(**kwargs)
+
+    def pipeline(self, **kwargs):
+        self.batches += 1
+        if self.batches == 2:
+            self.cut()
+        return self.client.pipeline(**kwargs)
+
+
+def killable_client(redis_client, name: str, retries: int):
+    kwargs = redis_client.connection_pool.connection_kwargs
+    client = redis.Redis(
+        host=kwargs["host"], port=kwargs["port"], db=kwargs["db"], retry=Retry(NoBackoff(), retries)
+    )
+    client.client_setname(name)
+    admin = redis.Redis(host=kwargs["host"], port=kwargs["port"])
+
+    def kill():
+        ids = [c["id"] for c in admin.client_list() if c.get("name") == name]
+        assert ids and all(admin.client_kill_filter(_id=i) == 1 for i in ids)
+
+    return client, kill
+
+
+def test_redis_connection_killed_mid_run(redis_client, table, query):
+    """CLIENT KILL between batches: redis-py reconnects, and the date ends complete.
+
+    (The other outcome, a connection error that aborts the run and leaves the date
+    untouched, is covered in test_aggregate.py and by the PostgreSQL test below.)
+    """
+    seed(redis_client, 1)
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, DAY, table=table)
+    seed(redis_client, 1)
+    victim, kill = killable_client(redis_client, "usage-agg-victim", retries=3)  # redis-py's default
+    before = victim.client_id()
+    aggregate_day(CutAfterFirstBatch(victim, kill), conn, DAY, table=table, batch_size=50)
+    assert victim.client_id() != before  # the connection really was replaced
+    assert stored(query, table) == redis_totals(redis_client)
+    assert set(stored(query, table).values()) == {2}
+    conn.close()
+
+
+def test_postgres_backend_terminated_mid_run(redis_client, table, query):
+    seed(redis_client, 1)
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, DAY, table=table)
+    seed(redis_client, 1)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+    conn.rollback()
+
+    def terminate():
+        assert query("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+
+    with pytest.raises(Exception, match="terminat|closed|connection"):
+        aggregate_day(CutAfterFirstBatch(redis_client, terminate), conn, DAY, table=table, batch_size=50)
+    assert set(stored(query, table).values()) == {1}  # the date is as it was
+    conn.close()
+
+    retry = pg_connect()  # Airflow's retry: a new task attempt, a new connection
+    aggregate_day(redis_client, retry, DAY, table=table, batch_size=50)
+    assert stored(query, table) == redis_totals(redis_client)
+    retry.close()
+
+
+def test_two_runs_of_the_same_date_at_once(redis_client, table, query, pg_schema):
+    seed(redis_client, 3)
+    aggregate_day(redis_client, pg_connect(), DAY, table=table)  # the schema exists before the race
+    seed(redis_client, 2)
+    errors = []
+
+    def run():
+        conn = pg_connect()
+        try:
+            kwargs = redis_client.connection_pool.connection_kwargs
+            client = redis.Redis(host=kwargs["host"], port=kwargs["port"], db=kwargs["db"])
+            aggregate_day(client, conn, DAY, table=table, batch_size=25)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    assert stored(query, table) == redis_totals(redis_client)
+    assert set(stored(query, table).values()) == {5}
+    written = query(
+        f"SELECT rows_written, started_at, finished_at FROM {pg_schema}.usage_aggregation_runs ORDER BY started_at"
+    )
+    assert sorted(w for w, _, _ in written) == [0, 0, 0, MERCHANTS, MERCHANTS]
