@@ -87,16 +87,18 @@ def ensure_schema(conn, table: str | TableName) -> SchemaNames:
     return names
 
 
-def schema_exists(conn, names: SchemaNames) -> bool:
-    """Whether every table and view of the schema exists (read-only; ends its transaction)."""
-    objects = (names.usage, names.errors, names.runs, names.weekly, names.monthly)
+def missing_objects(conn, names: SchemaNames) -> list[str]:
+    """The tables and views of the schema that do not exist (read-only; ends its transaction)."""
+    objects = [names.usage, names.errors, names.runs, names.weekly, names.monthly]
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(to_regclass(n)) FROM unnest(%s::text[]) AS n", ([o.quoted for o in objects],)
-        )
-        found = cur.fetchone()[0]
+        cur.execute("SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NULL", ([o.quoted for o in objects],))
+        missing = {row[0] for row in cur.fetchall()}
     conn.rollback()
-    return found == len(objects)
+    return [str(o) for o in objects if o.quoted in missing]
+
+
+def schema_exists(conn, names: SchemaNames) -> bool:
+    return not missing_objects(conn, names)
 
 
 @dataclass

@@ -1,0 +1,194 @@
+"""``usage-agg``: status (reconciliation) and health, through Airflow's connections.
+
+It runs wherever Airflow's connections resolve (``AIRFLOW_CONN_*``, a secrets
+backend, the metadata DB) with the same connection ids and table as the DAGs.
+Errors are one line on stderr, never a traceback; exit status 2 means the check
+could not be made, 1 out of sync / unhealthy, 0 in sync / healthy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+EXIT_OK, EXIT_PROBLEM, EXIT_ERROR = 0, 1, 2
+
+
+class CliError(Exception):
+    """An error worth one line to the user."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    import airflow  # noqa: F401  (its settings install warning filters; ours go in front of them)
+
+    warnings.filterwarnings("ignore")  # Airflow's import-time deprecation notices are not ours to show
+    args = _parser().parse_args(argv)
+    logging.getLogger("airflow").setLevel(logging.ERROR)
+    try:
+        return args.command(args)
+    except CliError as err:
+        print(f"usage-agg: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    from usage_agg import dag_config
+
+    parser = argparse.ArgumentParser(prog="usage-agg", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--redis-conn-id", default=dag_config.redis_conn_id(), help="default: %(default)s")
+    common.add_argument("--postgres-conn-id", default=dag_config.postgres_conn_id(), help="default: %(default)s")
+    common.add_argument("--table", default=dag_config.usage_table(), help="default: %(default)s")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    commands = parser.add_subparsers(required=True, metavar="command")
+
+    status = commands.add_parser("status", parents=[common], help="reconcile one date between Redis and PostgreSQL")
+    status.add_argument("date", help="YYYY-MM-DD")
+    status.add_argument("--merchant", help="one merchant only")
+    status.set_defaults(command=run_status)
+
+    health = commands.add_parser("health", parents=[common], help="check both stores and data-loss risks")
+    health.set_defaults(command=run_health)
+    return parser
+
+
+def run_status(args) -> int:
+    from usage_agg.keys import parse_date
+    from usage_agg.reconcile import reconcile_date
+
+    try:
+        day = parse_date(args.date, field="date")
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    if args.merchant is not None and not args.merchant:
+        raise CliError("--merchant: must not be empty")
+    with _stores(args) as (redis_client, pg_conn):
+        status = _guard("reading", lambda: reconcile_date(
+            redis_client, pg_conn, day, merchant_id=args.merchant, table=args.table
+        ))  # fmt: skip
+    if args.json:
+        print(json.dumps(status.to_dict(), indent=2, default=str))
+    else:
+        print(_format_status(status))
+    return EXIT_OK if status.in_sync else EXIT_PROBLEM
+
+
+def run_health(args) -> int:
+    from usage_agg.health import HealthReport, check_postgres, check_redis
+
+    report = HealthReport()
+    redis_client = _guard(f"Redis through connection {args.redis_conn_id!r}", lambda: _redis(args.redis_conn_id))
+    _guard(f"Redis through connection {args.redis_conn_id!r}", lambda: check_redis(redis_client, report))
+    pg_conn = _guard(f"PostgreSQL through connection {args.postgres_conn_id!r}", lambda: _postgres(args.postgres_conn_id))
+    try:
+        _guard(f"PostgreSQL through connection {args.postgres_conn_id!r}", lambda: check_postgres(pg_conn, args.table, report))
+    finally:
+        pg_conn.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        for check in report.checks:
+            print(f"{'OK  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
+        print("healthy" if report.healthy else "NOT healthy")
+    return EXIT_OK if report.healthy else EXIT_PROBLEM
+
+
+class _stores:
+    def __init__(self, args) -> None:
+        self.args = args
+
+    def __enter__(self):
+        self.redis = _guard(f"Redis through connection {self.args.redis_conn_id!r}", lambda: _redis(self.args.redis_conn_id))
+        self.pg = _guard(
+            f"PostgreSQL through connection {self.args.postgres_conn_id!r}", lambda: _postgres(self.args.postgres_conn_id)
+        )
+        return self.redis, self.pg
+
+    def __exit__(self, *exc) -> None:
+        self.pg.close()
+
+
+def _resolvable(conn_id: str) -> None:
+    """Look the connection up the way Airflow's own CLI does, and hand it to the hooks.
+
+    Airflow 3's hooks resolve connections through the task SDK, which outside a task
+    sees env vars and secrets backends but not the metadata DB; the core model also
+    searches the metadata DB. The result is passed on in this process's environment only.
+    """
+    variable = f"AIRFLOW_CONN_{conn_id.upper()}"
+    if variable in os.environ:
+        return
+    from airflow.models.connection import Connection
+
+    os.environ[variable] = Connection.get_connection_from_secrets(conn_id).as_json()
+
+
+def _redis(conn_id: str):
+    from airflow.providers.redis.hooks.redis import RedisHook
+
+    _resolvable(conn_id)
+    client = RedisHook(redis_conn_id=conn_id).get_conn()
+    client.ping()
+    return client
+
+
+def _postgres(conn_id: str):
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    _resolvable(conn_id)
+    return PostgresHook(postgres_conn_id=conn_id).get_conn()
+
+
+def _guard(what: str, action):
+    """Run ``action``; turn the errors a user can act on into one line."""
+    try:
+        return action()
+    except CliError:
+        raise
+    except Exception as err:
+        name = type(err).__name__
+        if name == "AirflowNotFoundException":
+            conn_id = what.split("'")[1] if "'" in what else what
+            raise CliError(
+                f"connection {conn_id!r} is not defined "
+                f"(set AIRFLOW_CONN_{conn_id.upper()}, a secrets backend entry, or add it to the metadata DB)"
+            ) from None
+        if name == "ValueError":
+            raise CliError(str(err)) from None
+        message = " ".join(str(err).split()) or name
+        raise CliError(f"cannot reach {what}: {message}") from None
+
+
+def _format_status(s) -> str:
+    scope = f" merchant {s.merchant_id!r}" if s.merchant_id is not None else ""
+    lines = [f"usage-agg status {s.usage_date}{scope} ({s.table}): {'IN SYNC' if s.in_sync else 'NOT IN SYNC'}"]
+    if not s.schema_exists:
+        lines.append(f"  table {s.table} does not exist yet (no aggregation has run)")
+    lines.append(f"  {'':<22}{'Redis':>14}{'PostgreSQL':>14}")
+    lines.append(f"  {'keys / rows':<22}{s.redis_keys:>14}{s.table_rows:>14}")
+    for metric in sorted(set(s.redis_totals) | set(s.table_totals)):
+        lines.append(f"  {'total ' + metric:<22}{s.redis_totals.get(metric, 0):>14}{s.table_totals.get(metric, 0):>14}")
+    lines.append(f"  rows that differ: {s.differing_rows}")
+    lines += [f"    {d['merchant_id']!r} {d['metric_type']}: Redis {d['redis']}, stored {d['stored']}" for d in s.differences]
+    lines.append(f"  keys not yet in the table: {s.keys_not_in_table}")
+    lines += [f"    {k}" for k in s.missing_keys[:10]]
+    lines.append(f"  never aggregated and expiring within a day: {s.expiring_unaggregated}")
+    lines += [f"    {e['key']} (TTL {e['ttl_seconds']} s)" for e in s.expiring_keys[:10]]
+    lines.append(f"  bad keys in Redis: {s.redis_bad_keys}")
+    run = s.last_successful_run
+    lines.append(
+        f"  last successful run: {run['dag_id']} {run['run_id']} {run['task_id']} at {run['finished_at']}"
+        if run
+        else "  last successful run: none recorded"
+    )
+    lines.append(f"  open dead letters: {s.open_dead_letters}")
+    lines += [f"    {d['key']}: {d['reason']} (seen {d['times_seen']}x)" for d in s.dead_letters[:10]]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Reconciling one date: what Redis holds against what PostgreSQL stored.
+
+Plain Python on a redis-py client and a DB-API connection (the ``usage-agg status``
+command runs it through Airflow's connections). Redis is read batch by batch with the
+same reader as the aggregation, and each batch is compared with its rows, so memory
+stays bounded by the batch size; only the first differences are kept by name.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter as Tally
+from dataclasses import asdict, dataclass, field
+
+from usage_agg.keys import build_key, parse_date
+from usage_agg.sink import SchemaNames, missing_objects
+from usage_agg.source import DEFAULT_BATCH_SIZE, read_day
+
+#: A key with less time to live than this, never aggregated, is usage about to be lost.
+EXPIRY_WARNING = dt.timedelta(days=1)
+SAMPLE_LIMIT = 50
+
+
+@dataclass
+class DateStatus:
+    usage_date: str
+    merchant_id: str | None
+    table: str
+    schema_exists: bool = True
+    redis_keys: int = 0
+    redis_bad_keys: int = 0
+    table_rows: int = 0
+    redis_totals: dict[str, int] = field(default_factory=dict)
+    table_totals: dict[str, int] = field(default_factory=dict)
+    differing_rows: int = 0
+    differences: list[dict] = field(default_factory=list)
+    keys_not_in_table: int = 0
+    missing_keys: list[str] = field(default_factory=list)
+    expiring_unaggregated: int = 0
+    expiring_keys: list[dict] = field(default_factory=list)
+    last_successful_run: dict | None = None
+    open_dead_letters: int = 0
+    dead_letters: list[dict] = field(default_factory=list)
+
+    @property
+    def in_sync(self) -> bool:
+        return (
+            self.schema_exists
+            and not self.differing_rows
+            and not self.keys_not_in_table
+            and not self.redis_bad_keys
+            and not self.open_dead_letters
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "in_sync": self.in_sync}
+
+
+def reconcile_date(
+    redis_client, pg_conn, usage_date, *, merchant_id: str | None = None, table: str = "merchant_usage",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> DateStatus:  # fmt: skip
+    """Compare one date (optionally one merchant) between Redis and the table."""
+    day = parse_date(usage_date)
+    names = SchemaNames.for_table(table)
+    status = DateStatus(usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage))
+    missing_tables = set(missing_objects(pg_conn, names)) & {str(names.usage), str(names.errors), str(names.runs)}
+    status.schema_exists = not missing_tables
+    redis_totals: Tally[str] = Tally()
+    with pg_conn.cursor() as cur:
+        for batch in read_day(redis_client, day, merchant_id, batch_size=batch_size):
+            status.redis_keys += len(batch.counters) + len(batch.bad_keys)
+            status.redis_bad_keys += len(batch.bad_keys)
+            stored = _stored_rows(cur, names, day, batch.counters) if status.schema_exists else {}
+            missing = []
+            for counter in batch.counters:
+                key = counter.key
+                redis_totals[key.metric_type] += counter.quantity
+                value = stored.get((key.merchant_id, key.metric_type))
+                if value is None:
+                    missing.append(key)
+                elif value != counter.quantity:
+                    status.differing_rows += 1
+                    if len(status.differences) < SAMPLE_LIMIT:
+                        status.differences.append(
+                            {"merchant_id": key.merchant_id, "metric_type": key.metric_type,
+                             "redis": counter.quantity, "stored": value}
+                        )  # fmt: skip
+            _note_missing(redis_client, status, missing, day)
+        if status.schema_exists:
+            _read_table_side(cur, names, day, merchant_id, status)
+    pg_conn.rollback()
+    status.redis_totals = dict(sorted(redis_totals.items()))
+    return status
+
+
+def _stored_rows(cur, names: SchemaNames, day: dt.date, counters) -> dict[tuple[str, str], int]:
+    if not counters:
+        return {}
+    cur.execute(
+        f"""SELECT t.merchant_id, t.metric_type, t.quantity FROM {names.usage.quoted} t
+            JOIN unnest(%s::text[], %s::text[]) AS k(merchant_id, metric_type)
+              ON t.merchant_id = k.merchant_id AND t.metric_type = k.metric_type
+            WHERE t.usage_date = %s""",
+        ([c.key.merchant_id for c in counters], [c.key.metric_type for c in counters], day),
+    )
+    return {(m, t): int(q) for m, t, q in cur.fetchall()}
+
+
+def _note_missing(redis_client, status: DateStatus, missing, day: dt.date) -> None:
+    if not missing:
+        return
+    status.keys_not_in_table += len(missing)
+    keys = [build_key(k.merchant_id, day, k.metric_type) for k in missing]
+    status.missing_keys.extend(keys[: SAMPLE_LIMIT - len(status.missing_keys)])
+    pipe = redis_client.pipeline(transaction=False)
+    for key in keys:
+        pipe.ttl(key)
+    for key, ttl in zip(keys, pipe.execute()):
+        # -1: no expiry; -2: gone since it was read
+        if 0 <= ttl < EXPIRY_WARNING.total_seconds():
+            status.expiring_unaggregated += 1
+            if len(status.expiring_keys) < SAMPLE_LIMIT:
+                status.expiring_keys.append({"key": key, "ttl_seconds": ttl})
+
+
+def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | None, status: DateStatus) -> None:
+    merchant_filter = "" if merchant_id is None else " AND merchant_id = %(merchant)s"
+    params = {"day": day, "merchant": merchant_id, "limit": SAMPLE_LIMIT}
+    cur.execute(
+        f"SELECT metric_type, count(*), sum(quantity) FROM {names.usage.quoted}"
+        f" WHERE usage_date = %(day)s{merchant_filter} GROUP BY metric_type ORDER BY metric_type",
+        params,
+    )
+    for metric, rows, total in cur.fetchall():
+        status.table_rows += int(rows)
+        status.table_totals[metric] = int(total)
+    # A whole-date run covers every merchant; a merchant's status also accepts that merchant's reruns.
+    run_filter = "merchant_id IS NULL" if merchant_id is None else "(merchant_id IS NULL OR merchant_id = %(merchant)s)"
+    cur.execute(
+        f"""SELECT dag_id, run_id, task_id, merchant_id, finished_at FROM {names.runs.quoted}
+            WHERE usage_table = %(table)s AND usage_date = %(day)s AND outcome <> 'failed' AND {run_filter}
+            ORDER BY finished_at DESC LIMIT 1""",
+        {**params, "table": str(names.usage)},
+    )
+    row = cur.fetchone()
+    if row:
+        status.last_successful_run = {
+            "dag_id": row[0], "run_id": row[1], "task_id": row[2], "merchant_id": row[3],
+            "finished_at": row[4].isoformat(),
+        }  # fmt: skip
+    key_filter = "" if merchant_id is None else " AND redis_key LIKE %(key_prefix)s ESCAPE '\\'"
+    params["key_prefix"] = _like_escape(f"usage:{merchant_id}:{day.isoformat()}:") + "%"
+    cur.execute(
+        f"""SELECT redis_key, reason, times_seen, last_seen, count(*) OVER () FROM {names.errors.quoted}
+            WHERE usage_date = %(day)s AND resolved_at IS NULL{key_filter}
+            ORDER BY redis_key LIMIT %(limit)s""",
+        params,
+    )
+    for key, reason, seen, last_seen, total in cur.fetchall():
+        status.open_dead_letters = int(total)
+        status.dead_letters.append(
+            {"key": key, "reason": reason, "times_seen": int(seen), "last_seen": last_seen.isoformat()}
+        )
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

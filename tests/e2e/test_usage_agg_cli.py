@@ -1,0 +1,192 @@
+"""The ``usage-agg`` console script as an operator runs it, against the real services."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import pytest
+import redis
+
+from tests.conftest import pg_connect
+from usage_agg.aggregate import aggregate_day
+from usage_agg.tracking import track_usage
+
+DAY = "2025-11-01"
+
+
+def usage_agg(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["usage-agg", *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def aggregated(redis_client, usage_env):
+    for merchant, amount in (("acme", 5), ("a*b:c", 7)):
+        track_usage(redis_client, merchant, "queries", amount, usage_date=DAY)
+    track_usage(redis_client, "acme", "storage", 3, usage_date=DAY)
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, DAY, table=usage_env, audit={"dag_id": "d", "run_id": "r1", "task_id": "t"})
+    conn.close()
+    return redis_client
+
+
+def test_status_of_a_date_in_sync(aggregated, usage_env):
+    done = usage_agg("status", DAY, "--json")
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert status["in_sync"] is True
+    assert (status["redis_keys"], status["table_rows"]) == (3, 3)
+    assert status["redis_totals"] == status["table_totals"] == {"queries": 12, "storage": 3}
+    assert status["last_successful_run"]["run_id"] == "r1"
+
+    human = usage_agg("status", DAY)
+    assert human.returncode == 0
+    assert "IN SYNC" in human.stdout and "total queries" in human.stdout
+
+
+def test_status_shows_what_is_out_of_sync(aggregated, usage_env):
+    track_usage(aggregated, "acme", "queries", 10, usage_date=DAY)  # grew since the run
+    track_usage(aggregated, "newcomer", "queries", 1, usage_date=DAY)  # never aggregated ...
+    aggregated.expire(f"usage:newcomer:{DAY}:queries", 3600)  # ... and expiring within the hour
+    aggregated.set(f"usage:broken:{DAY}:queries", "NaN")
+    done = usage_agg("status", DAY, "--json")
+    assert done.returncode == 1
+    status = json.loads(done.stdout)
+    assert status["in_sync"] is False
+    assert status["differences"] == [{"merchant_id": "acme", "metric_type": "queries", "redis": 15, "stored": 5}]
+    assert status["missing_keys"] == [f"usage:newcomer:{DAY}:queries"]
+    assert status["expiring_unaggregated"] == 1 and 0 < status["expiring_keys"][0]["ttl_seconds"] <= 3600
+    assert status["redis_bad_keys"] == 1
+    assert status["redis_totals"]["queries"] == 23 and status["table_totals"]["queries"] == 12
+
+
+def test_status_for_one_merchant_with_glob_characters(aggregated, usage_env):
+    track_usage(aggregated, "acme", "queries", 1, usage_date=DAY)  # another merchant drifts
+    done = usage_agg("status", DAY, "--merchant", "a*b:c", "--json")
+    assert done.returncode == 0, done.stdout
+    status = json.loads(done.stdout)
+    assert (status["redis_keys"], status["table_rows"], status["redis_totals"]) == (1, 1, {"queries": 7})
+
+
+def test_status_dead_letters_are_listed(redis_client, usage_env):
+    redis_client.set(f"usage:broken:{DAY}:queries", "NaN")
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, DAY, table=usage_env)
+    conn.close()
+    status = json.loads(usage_agg("status", DAY, "--json").stdout)
+    assert status["open_dead_letters"] == 1
+    assert status["dead_letters"][0]["key"] == f"usage:broken:{DAY}:queries"
+
+
+def test_clear_one_line_errors(usage_env):
+    assert "date: " in one_line_error(usage_agg("status", "2025-13-01"))
+    assert "connection 'missing_conn' is not defined" in one_line_error(
+        usage_agg("status", DAY, "--redis-conn-id", "missing_conn")
+    )
+    unreachable = one_line_error(usage_agg("health", env={"AIRFLOW_CONN_USAGE_REDIS": "redis://127.0.0.1:1"}))
+    assert unreachable.startswith("usage-agg: cannot reach Redis through connection 'usage_redis'")
+    secret = "s3cr3t-pw"
+    refused = one_line_error(
+        usage_agg("health", env={"AIRFLOW_CONN_USAGE_POSTGRES": f"postgresql://u:{secret}@127.0.0.1:1/x"})
+    )
+    assert "cannot reach PostgreSQL" in refused and secret not in refused
+
+
+def test_connections_from_the_metadata_db(redis_client, usage_env):
+    conn_id = f"usage_redis_{uuid.uuid4().hex[:8]}"
+    db = redis_client.connection_pool.connection_kwargs["db"]
+    add = ["airflow", "connections", "add", conn_id, "--conn-type", "redis", "--conn-host", "127.0.0.1",
+           "--conn-port", "6379", "--conn-extra", json.dumps({"db": db})]  # fmt: skip
+    subprocess.run(add, check=True, capture_output=True, timeout=120)
+    try:
+        track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
+        status = json.loads(usage_agg("status", DAY, "--json", "--redis-conn-id", conn_id).stdout)
+        assert status["redis_keys"] == 1
+    finally:
+        subprocess.run(["airflow", "connections", "delete", conn_id], capture_output=True, timeout=120)
+
+
+def test_health_reports_data_loss_risks_of_this_machines_redis(usage_env):
+    # The test Redis keeps nothing on disk (--save "" --appendonly no): a restart loses counters.
+    done = usage_agg("health", "--json")
+    report = json.loads(done.stdout)
+    checks = {c["name"]: c for c in report["checks"]}
+    assert done.returncode == 1 and report["healthy"] is False
+    assert checks["redis"]["ok"] and checks["postgres"]["ok"]
+    assert not checks["redis persistence"]["ok"]
+    assert not checks["postgres schema"]["ok"]  # this test's schema has no tables yet
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, configured as each case needs."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server binary on this machine")
+    processes = []
+
+    def start(*options: str) -> int:
+        port = free_port()
+        processes.append(
+            subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), *options],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return port
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_health_is_green_with_persistence_and_no_eviction(own_redis, redis_client, usage_env):
+    port = own_redis("--appendonly", "yes", "--maxmemory-policy", "noeviction")
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, DAY, table=usage_env)  # creates the schema
+    conn.close()
+    done = usage_agg("health", env={"AIRFLOW_CONN_USAGE_REDIS": f"redis://127.0.0.1:{port}/0"})
+    assert done.returncode == 0, done.stdout
+    assert done.stdout.strip().endswith("healthy")
+
+
+def test_health_flags_eviction_policy_and_evicted_keys(own_redis, usage_env):
+    port = own_redis("--appendonly", "yes", "--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru")
+    client = redis.Redis(port=port)
+    for i in range(400):
+        client.set(f"filler:{i}", b"x" * 10_000)
+    done = usage_agg("health", "--json", env={"AIRFLOW_CONN_USAGE_REDIS": f"redis://127.0.0.1:{port}/0"})
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert done.returncode == 1
+    assert not checks["redis maxmemory-policy"]["ok"] and "allkeys-lru" in checks["redis maxmemory-policy"]["detail"]
+    assert not checks["redis evicted_keys"]["ok"]
+    assert checks["redis persistence"]["ok"]
