@@ -9,6 +9,10 @@ run without a logical date (Airflow 3, triggered without one) aggregates today a
 yesterday in UTC. Reruns and backfills never double count: Redis holds each day's
 running total and the table takes that absolute value.
 
+A last task, `check_expiring_usage`, fails (and alerts) when a day that was never
+aggregated has less than a day left in Redis, and reports the aggregation lag.
+Failures alert through `USAGE_AGG_ALERT_WEBHOOK` / `USAGE_AGG_ALERT_EMAIL`.
+
 Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`). Connections:
 `USAGE_AGG_REDIS_CONN_ID` / `USAGE_AGG_POSTGRES_CONN_ID` (default `usage_redis` /
 `usage_postgres`).
@@ -20,7 +24,8 @@ import pendulum
 from airflow.providers.common.compat.sdk import DAG
 
 from usage_agg import dag_config
-from usage_agg.operators import RedisUsageToPostgresOperator
+from usage_agg.alerts import UsageAlertNotifier
+from usage_agg.operators import RedisUsageToPostgresOperator, UsageExpiryCheckOperator
 
 with DAG(
     dag_id="usage_aggregation",
@@ -31,6 +36,7 @@ with DAG(
     max_active_runs=1,
     default_args=dag_config.default_args(),
     tags=["usage", "billing"],
+    on_failure_callback=UsageAlertNotifier(),
 ) as dag:
     common = {
         "merchant_id": None,
@@ -38,6 +44,13 @@ with DAG(
         "redis_conn_id": dag_config.redis_conn_id(),
         "postgres_conn_id": dag_config.postgres_conn_id(),
     }
-    # Independent on purpose: bad keys on one day must not keep the other from running.
+    # Independent on purpose: bad keys on one day must not keep the other from running,
+    # and every task is a leaf, so any failure makes the run fail (and alert).
     RedisUsageToPostgresOperator(task_id="aggregate_previous_day", day_offset=-1, **common)
     RedisUsageToPostgresOperator(task_id="aggregate_current_day", day_offset=0, **common)
+    UsageExpiryCheckOperator(
+        task_id="check_expiring_usage",
+        table=common["table"],
+        redis_conn_id=common["redis_conn_id"],
+        postgres_conn_id=common["postgres_conn_id"],
+    )

@@ -17,6 +17,7 @@ import pendulum
 from airflow.providers.common.compat.sdk import DAG, AirflowFailException, Param, task
 
 from usage_agg import dag_config
+from usage_agg.alerts import UsageAlertNotifier
 from usage_agg.operators import RedisUsageToPostgresOperator
 from usage_agg.rerun import MAX_RANGE_DAYS, RerunRequestError, validate_rerun_request
 
@@ -29,7 +30,9 @@ with DAG(
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    default_args=dag_config.default_args(),
+    # Task-level alerts here: a DAG-level callback's context is built without the run's
+    # conf, and this DAG's required Params then fail validation inside the callback.
+    default_args={**dag_config.default_args(), "on_failure_callback": UsageAlertNotifier()},
     tags=["usage", "billing", "rerun"],
     params={
         "merchant_id": Param(

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator
 
+from usage_agg import metrics
 from usage_agg.aggregate import aggregate_day
+from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT
@@ -84,6 +86,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
         self.scan_count = scan_count
         self.lock_timeout_seconds = lock_timeout_seconds
 
+    _lineage_endpoints: dict | None = None
+
     def execute(self, context: Context) -> dict:
         from airflow.providers.postgres.hooks.postgres import PostgresHook
         from airflow.providers.redis.hooks.redis import RedisHook
@@ -94,8 +98,11 @@ class RedisUsageToPostgresOperator(BaseOperator):
         except ValueError as err:  # a configuration error: retrying cannot fix it
             raise AirflowFailException(str(err)) from None
 
-        redis_client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
-        pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
+        redis_hook = RedisHook(redis_conn_id=self.redis_conn_id)
+        redis_client = redis_hook.get_conn()
+        pg_hook = PostgresHook(postgres_conn_id=self.postgres_conn_id)
+        pg_conn = pg_hook.get_conn()
+        self._lineage_endpoints = _endpoints(redis_hook, pg_hook, day, self.table)
         ti = context["ti"]
         try:
             result = aggregate_day(
@@ -116,6 +123,7 @@ class RedisUsageToPostgresOperator(BaseOperator):
         finally:
             pg_conn.close()
 
+        metrics.emit_aggregation(result, dag_id=ti.dag_id)
         payload = result.to_dict()
         if result.new_bad_keys:
             # The good keys are committed; publish the result before failing so the
@@ -131,6 +139,96 @@ class RedisUsageToPostgresOperator(BaseOperator):
                 "%d bad key(s) already reported by an earlier run; see usage_aggregation_errors", result.bad_keys
             )
         return payload
+
+
+    def get_openlineage_facets_on_complete(self, task_instance):
+        """Lineage for the OpenLineage provider: the Redis day read, the table written.
+
+        Imported here so the OpenLineage provider stays optional.
+        """
+        from airflow.providers.common.compat.openlineage.facet import Dataset
+        from airflow.providers.openlineage.extractors import OperatorLineage
+
+        ends = self._lineage_endpoints
+        if not ends:
+            return OperatorLineage()
+        return OperatorLineage(
+            inputs=[Dataset(namespace=ends["redis_namespace"], name=ends["redis_name"])],
+            outputs=[Dataset(namespace=ends["postgres_namespace"], name=ends["postgres_name"])],
+        )
+
+
+def _endpoints(redis_hook, pg_hook, day: dt.date, table: str) -> dict | None:
+    """Where the data came from and went, for lineage (hosts and names, no credentials)."""
+    from usage_agg.keys import day_pattern
+
+    try:
+        target = TableName.parse(table)
+    except ValueError:
+        return None  # execute() refuses the table with a clear error
+    conn = pg_hook.get_connection(pg_hook.postgres_conn_id)
+    return {
+        "redis_namespace": f"redis://{redis_hook.host}:{redis_hook.port or 6379}/{redis_hook.db or 0}",
+        "redis_name": day_pattern(day),
+        "postgres_namespace": f"postgres://{conn.host}:{conn.port or 5432}",
+        "postgres_name": f"{conn.schema or 'postgres'}.{target.schema or 'public'}.{target.name}",
+    }
+
+
+class UsageExpiryCheckOperator(BaseOperator):
+    """
+    Fail (and so alert) when usage in Redis is about to expire without ever being aggregated.
+
+    Scans the days Redis holds, compares them with the audit table's successful
+    whole-day runs, emits the ``usage_agg.unaggregated_lag_days`` gauge, and fails
+    without retries if a never-aggregated day has less than a day of TTL left.
+
+    :param table: the usage table whose audit table is read (templated)
+    :param redis_conn_id: Airflow connection to Redis (templated)
+    :param postgres_conn_id: Airflow connection to PostgreSQL (templated)
+    """
+
+    template_fields: Sequence[str] = ("table", "redis_conn_id", "postgres_conn_id")
+    ui_color = "#fbeaea"
+
+    def __init__(
+        self,
+        *,
+        table: str = "merchant_usage",
+        redis_conn_id: str = DEFAULT_REDIS_CONN_ID,
+        postgres_conn_id: str = DEFAULT_POSTGRES_CONN_ID,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.table = table
+        self.redis_conn_id = redis_conn_id
+        self.postgres_conn_id = postgres_conn_id
+
+    def execute(self, context: Context) -> dict:
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+        from airflow.providers.redis.hooks.redis import RedisHook
+
+        from usage_agg.expiry import check_expiry
+
+        redis_client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
+        pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
+        try:
+            report = check_expiry(redis_client, pg_conn, table=self.table)
+        finally:
+            pg_conn.close()
+        metrics.emit_lag(report.lag_days, len(report.at_risk), table=self.table)
+        self.log.info(
+            "Redis holds %d day(s) of usage; oldest not yet aggregated: %d day(s) ago",
+            len(report.days),
+            report.lag_days,
+        )
+        if report.at_risk:
+            days = ", ".join(f"{d.usage_date} ({d.keys} keys, TTL {d.min_ttl_seconds} s)" for d in report.at_risk)
+            raise AirflowFailException(
+                f"Usage about to be lost: never aggregated and expiring within a day: {days}. "
+                "Backfill usage_aggregation over these dates now."
+            )
+        return report.to_dict()
 
 
 def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_offset: int = 0) -> dt.date:

@@ -26,6 +26,9 @@ def test_every_dag_file_imports_without_errors():
 def test_dags_have_owner_tags_retries_with_backoff_and_docs(dag_id):
     dag = load_dagbag().get_dag(dag_id)
     assert dag.tags and dag.doc_md
+    callback = dag.on_failure_callback or dag.default_args["on_failure_callback"]
+    callbacks = callback if isinstance(callback, list) else [callback]
+    assert any(type(c).__name__ == "UsageAlertNotifier" for c in callbacks)
     assert dag.catchup is False
     assert dag.max_active_runs >= 1
     for task in dag.tasks:
@@ -39,9 +42,11 @@ def test_hourly_dag_is_hourly_one_run_at_a_time_and_covers_two_days():
     dag = load_dagbag().get_dag("usage_aggregation")
     assert schedule_of(dag) == "@hourly"
     assert dag.max_active_runs == 1
-    offsets = {t.task_id: t.day_offset for t in dag.tasks}
-    assert offsets == {"aggregate_previous_day": -1, "aggregate_current_day": 0}
-    assert all(t.merchant_id is None for t in dag.tasks)
+    aggregations = [t for t in dag.tasks if t.task_type == "RedisUsageToPostgresOperator"]
+    assert {t.task_id: t.day_offset for t in aggregations} == {"aggregate_previous_day": -1, "aggregate_current_day": 0}
+    assert all(t.merchant_id is None for t in aggregations)
+    # every task a leaf: a failed aggregation must fail the run, whatever the others do
+    assert {t.task_id for t in dag.leaves} == {"aggregate_previous_day", "aggregate_current_day", "check_expiring_usage"}
 
 
 def test_schedule_connections_and_table_come_from_env(monkeypatch):
@@ -52,7 +57,7 @@ def test_schedule_connections_and_table_come_from_env(monkeypatch):
     bag = load_dagbag()
     assert schedule_of(bag.get_dag("usage_aggregation")) == "*/15 * * * *"
     for dag in bag.dags.values():
-        operators = [t for t in dag.tasks if t.task_type == "RedisUsageToPostgresOperator"]
+        operators = [t for t in dag.tasks if t.task_type in ("RedisUsageToPostgresOperator", "UsageExpiryCheckOperator")]
         assert operators
         for task in operators:
             kwargs = getattr(task, "partial_kwargs", None) or vars(task)

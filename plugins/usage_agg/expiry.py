@@ -1,0 +1,101 @@
+"""Usage about to be lost: days with keys in Redis that were never aggregated.
+
+One ``SCAN`` pass over ``usage:*`` tallies the days Redis holds (keys and the
+shortest TTL per day); the audit table says which of them have had a successful
+whole-day aggregation. Memory is bounded by the number of days held, not keys.
+This pass costs the whole keyspace, once per check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass
+
+from usage_agg.keys import KEY_PREFIX, BadKeyError, parse_key
+from usage_agg.reconcile import EXPIRY_WARNING
+from usage_agg.sink import SchemaNames, missing_objects
+from usage_agg.source import DEFAULT_SCAN_COUNT
+
+TTL_SAMPLE_BATCH = 1_000
+
+
+@dataclass
+class DayInRedis:
+    usage_date: str
+    keys: int
+    min_ttl_seconds: int | None
+    aggregated: bool = False
+
+    @property
+    def expiring(self) -> bool:
+        return self.min_ttl_seconds is not None and self.min_ttl_seconds < EXPIRY_WARNING.total_seconds()
+
+
+@dataclass
+class ExpiryReport:
+    days: list[DayInRedis]
+    today: dt.date
+
+    @property
+    def at_risk(self) -> list[DayInRedis]:
+        return [d for d in self.days if d.expiring and not d.aggregated]
+
+    @property
+    def lag_days(self) -> int:
+        """Days since the oldest day that has keys but no successful aggregation (0: none)."""
+        pending = [dt.date.fromisoformat(d.usage_date) for d in self.days if not d.aggregated]
+        return max(0, (self.today - min(pending)).days) if pending else 0
+
+    def to_dict(self) -> dict:
+        return {
+            "days": [{**asdict(d), "expiring": d.expiring} for d in self.days],
+            "at_risk": [d.usage_date for d in self.at_risk],
+            "lag_days": self.lag_days,
+        }
+
+
+def days_in_redis(redis_client, *, scan_count: int = DEFAULT_SCAN_COUNT) -> dict[dt.date, DayInRedis]:
+    days: dict[dt.date, DayInRedis] = {}
+    pending: list[tuple[bytes, dt.date]] = []
+
+    def flush() -> None:
+        pipe = redis_client.pipeline(transaction=False)
+        for key, _ in pending:
+            pipe.ttl(key)
+        for (_, day), ttl in zip(pending, pipe.execute()):
+            if ttl is not None and ttl >= 0:
+                entry = days[day]
+                entry.min_ttl_seconds = ttl if entry.min_ttl_seconds is None else min(entry.min_ttl_seconds, ttl)
+        pending.clear()
+
+    for raw_key in redis_client.scan_iter(match=f"{KEY_PREFIX}*", count=scan_count):
+        try:
+            day = parse_key(raw_key).usage_date
+        except BadKeyError:
+            continue  # reported by the aggregation of its day, if it is one
+        entry = days.setdefault(day, DayInRedis(day.isoformat(), 0, None))
+        entry.keys += 1
+        pending.append((raw_key, day))
+        if len(pending) >= TTL_SAMPLE_BATCH:
+            flush()
+    if pending:
+        flush()
+    return days
+
+
+def check_expiry(redis_client, pg_conn, *, table: str = "merchant_usage", today: dt.date | None = None) -> ExpiryReport:
+    today = today or dt.datetime.now(dt.timezone.utc).date()
+    days = days_in_redis(redis_client)
+    names = SchemaNames.for_table(table)
+    if days and str(names.runs) not in missing_objects(pg_conn, names):
+        with pg_conn.cursor() as cur:
+            cur.execute(
+                f"""SELECT DISTINCT usage_date FROM {names.runs.quoted}
+                    WHERE usage_table = %s AND merchant_id IS NULL AND outcome <> 'failed'
+                      AND usage_date = ANY(%s::date[])""",
+                (str(names.usage), list(days)),
+            )
+            for (day,) in cur.fetchall():
+                days[day].aggregated = True
+        pg_conn.rollback()
+    return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today)

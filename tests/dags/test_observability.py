@@ -1,0 +1,162 @@
+"""Metrics (real StatsD packets), alerts (a real webhook), lineage and the expiry check."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pendulum
+import pytest
+
+from tests.dags.conftest import AIRFLOW_V3, run_dag
+from usage_agg.alerts import UsageAlertNotifier
+from usage_agg.operators import RedisUsageToPostgresOperator
+from usage_agg.tracking import track_usage
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP endpoint that records the JSON it is sent."""
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook/SECRET-TOKEN", received
+    server.shutdown()
+
+
+class FakeTI:
+    dag_id, run_id, task_id, map_index = "usage_aggregation", "manual__x", "aggregate_current_day", -1
+
+
+def test_notifier_posts_to_a_webhook_from_env_without_logging_its_url(webhook, monkeypatch, caplog):
+    url, received = webhook
+    monkeypatch.setenv("USAGE_AGG_ALERT_WEBHOOK", url)
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "exception": ValueError("3 new bad keys")})
+    assert received == [
+        {
+            "text": "usage-agg: usage_aggregation run manual__x failed at task aggregate_current_day: 3 new bad keys",
+            "dag_id": "usage_aggregation",
+            "run_id": "manual__x",
+            "task_id": "aggregate_current_day",
+            "reason": "3 new bad keys",
+        }
+    ]
+    assert "SECRET-TOKEN" not in caplog.text
+
+
+def test_notifier_reads_an_airflow_variable(webhook, monkeypatch):
+    url, received = webhook
+    monkeypatch.delenv("USAGE_AGG_ALERT_WEBHOOK", raising=False)
+    monkeypatch.setenv("AIRFLOW_VAR_USAGE_AGG_ALERT_WEBHOOK", url)  # an Airflow Variable, from env
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
+    assert len(received) == 1
+
+
+def test_notifier_without_a_channel_logs_one_clear_line(monkeypatch, caplog):
+    for name in ("USAGE_AGG_ALERT_WEBHOOK", "USAGE_AGG_ALERT_EMAIL"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(f"AIRFLOW_VAR_{name}", raising=False)
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
+    assert "no alert channel configured: set USAGE_AGG_ALERT_WEBHOOK or USAGE_AGG_ALERT_EMAIL" in caplog.text
+
+
+def test_notifier_survives_an_unreachable_webhook(monkeypatch, caplog):
+    monkeypatch.setenv("USAGE_AGG_ALERT_WEBHOOK", "http://127.0.0.1:1/hook")
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
+    assert "could not be posted" in caplog.text
+
+
+def test_a_failed_hourly_run_alerts_through_the_dag_callback(webhook, monkeypatch, redis_client, usage_env):
+    url, received = webhook
+    monkeypatch.setenv("USAGE_AGG_ALERT_WEBHOOK", url)
+    redis_client.set("usage:broken:2025-11-02:queries", "NaN")
+    states = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))
+    assert states["aggregate_current_day"] == "failed"
+    assert run_state_of_last_run("usage_aggregation") == "failed"
+    if AIRFLOW_V3:  # Airflow 2's dag.test() does not run DAG-level callbacks; its scheduler does
+        assert len(received) == 1 and received[0]["dag_id"] == "usage_aggregation"
+
+
+def run_state_of_last_run(dag_id: str) -> str:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
+        return str(getattr(run.state, "value", run.state))
+
+
+def test_expiry_check_fails_the_run_when_a_day_is_about_to_be_lost(redis_client, usage_env):
+    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-10-27", ttl=dt.timedelta(hours=2))
+    states = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))
+    assert states == {
+        "aggregate_previous_day": "success",
+        "aggregate_current_day": "success",
+        "check_expiring_usage": "failed",
+    }
+
+
+def test_operator_reports_lineage_without_credentials(redis_client, usage_env, mocker):
+    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-11-01")
+    operator = RedisUsageToPostgresOperator(task_id="t", usage_date="2025-11-01", table=usage_env)
+    operator.execute({"ti": mocker.MagicMock(dag_id="d", run_id="r", task_id="t", map_index=-1)})
+    lineage = operator.get_openlineage_facets_on_complete(None)
+    db = redis_client.connection_pool.connection_kwargs["db"]
+    assert [(d.namespace, d.name) for d in lineage.inputs] == [(f"redis://127.0.0.1:6379/{db}", "usage:*:2025-11-01:*")]
+    schema = usage_env.split(".")[0]
+    assert [(d.namespace, d.name) for d in lineage.outputs] == [("postgres://127.0.0.1:5432", f"test.{schema}.merchant_usage")]
+
+
+def test_metrics_reach_statsd(redis_client, usage_env):
+    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-11-02")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    env = {
+        **os.environ,
+        "AIRFLOW__METRICS__STATSD_ON": "True",
+        "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+        "AIRFLOW__METRICS__STATSD_PORT": str(listener.getsockname()[1]),
+        "AIRFLOW__METRICS__STATSD_PREFIX": "airflow",
+    }
+    packets: list[str] = []
+
+    def collect():
+        while not stop.is_set():
+            try:
+                packets.extend(listener.recv(65535).decode().split("\n"))
+            except OSError:
+                continue
+
+    stop = threading.Event()
+    thread = threading.Thread(target=collect, daemon=True)
+    thread.start()
+    done = subprocess.run(
+        ["airflow", "dags", "test", "usage_aggregation", "2025-11-02T00:00:00+00:00"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    stop.set()
+    thread.join()
+    listener.close()
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = {p.split(":")[0] for p in packets if p}
+    for metric in ("keys_found", "rows_written", "bad_keys", "decreases_refused", "duration",
+                   "unaggregated_lag_days", "days_expiring_unaggregated"):  # fmt: skip
+        assert f"airflow.usage_agg.{metric}" in names, sorted(n for n in names if "usage_agg" in n)
+    assert "airflow.usage_agg.keys_found:1|c" in packets
