@@ -190,3 +190,42 @@ def test_health_flags_eviction_policy_and_evicted_keys(own_redis, usage_env):
     assert not checks["redis maxmemory-policy"]["ok"] and "allkeys-lru" in checks["redis maxmemory-policy"]["detail"]
     assert not checks["redis evicted_keys"]["ok"]
     assert checks["redis persistence"]["ok"]
+
+
+README_COMMANDS = [
+    "usage-agg status 2025-11-01",
+    "usage-agg status 2025-11-01 --merchant acme_electronics_2024 --json",
+    "usage-agg health",
+]
+
+
+def test_the_readme_commands_run_as_written(redis_client, usage_env):
+    import shlex
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    track_usage(redis_client, "acme_electronics_2024", "queries", 4, usage_date=DAY)
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, DAY, table=usage_env)
+    conn.close()
+    for command in README_COMMANDS:
+        assert command in readme
+        done = usage_agg(*shlex.split(command)[1:])
+        assert done.returncode in (0, 1), done.stderr  # a verdict, not an error
+        assert "Traceback" not in done.stderr
+    merchant = json.loads(usage_agg(*shlex.split(README_COMMANDS[1])[1:]).stdout)
+    assert merchant["in_sync"] is True and merchant["redis_totals"] == {"queries": 4}
+
+
+def test_connections_from_a_secrets_backend(redis_client, usage_env, tmp_path, monkeypatch):
+    db = redis_client.connection_pool.connection_kwargs["db"]
+    secrets = tmp_path / "connections.json"
+    secrets.write_text(json.dumps({"vaulted_redis": {"conn_type": "redis", "host": "127.0.0.1", "port": 6379,
+                                                     "extra": {"db": db}}}))  # fmt: skip
+    env = {
+        "AIRFLOW__SECRETS__BACKEND": "airflow.secrets.local_filesystem.LocalFilesystemBackend",
+        "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps({"connections_file_path": str(secrets)}),
+    }
+    track_usage(redis_client, "acme", "queries", 2, usage_date=DAY)
+    done = usage_agg("status", DAY, "--json", "--redis-conn-id", "vaulted_redis", env=env)
+    assert json.loads(done.stdout)["redis_totals"] == {"queries": 2}, done.stderr
