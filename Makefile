@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 venv = .venv-airflow-$(1)
 SOURCES := setup.cfg pyproject.toml $(shell find plugins -name '*.py' -o -name '*.sql')
 
-.PHONY: test demo services constraints clean $(addprefix test-,$(AIRFLOW_VERSIONS))
+.PHONY: test demo bench services constraints clean $(addprefix test-,$(AIRFLOW_VERSIONS))
 
 # The whole suite, on every supported Airflow version.
 test: services $(addprefix test-,$(AIRFLOW_VERSIONS))
@@ -21,6 +21,11 @@ $(addprefix test-,$(AIRFLOW_VERSIONS)): test-%: .venv-airflow-%/installed
 # Seed a few days of usage, run the hourly DAG with the Airflow CLI, print the rows.
 demo: services $(call venv,$(DEMO_AIRFLOW))/installed
 	tools/airflow-env.sh $(DEMO_AIRFLOW) tools/demo.sh
+
+# The benchmark: the package against a naive job and the raw limits (ratios, not assertions).
+BENCH_ARGS ?=
+bench: services $(call venv,$(DEMO_AIRFLOW))/installed
+	tools/airflow-env.sh $(DEMO_AIRFLOW) python bench/run.py $(BENCH_ARGS)
 
 # Make sure Redis and PostgreSQL answer (start them, or embedded ones, when down).
 services:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from usage_agg.keys import parse_date
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, SchemaNames, ensure_schema, record_failed_run
-from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, read_day
+from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, discovery_method, read_day
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ class AggregationResult:
     #: keys matched by SCAN that expired or were deleted before they were read
     vanished_keys: int = 0
     allow_decrease: bool = False
+    #: how the keys were found: "index" (the day's index set) or "scan"
+    discovery: str = "scan"
     duration_seconds: float = 0.0
     bad_key_samples: list[dict] = field(default_factory=list)
     refused_decrease_samples: list[dict] = field(default_factory=list)
@@ -61,6 +63,7 @@ def aggregate_day(
     batch_size: int = DEFAULT_BATCH_SIZE,
     scan_count: int = DEFAULT_SCAN_COUNT,
     lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
+    discovery: str = "auto",
     audit: dict | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
     create_schema: bool = True,
@@ -71,6 +74,7 @@ def aggregate_day(
     so any number of reruns gives the same rows. A date with no keys left in Redis
     leaves its rows alone. The whole date is one transaction.
 
+    :param discovery: ``auto`` (the day's index when it exists, else ``SCAN``), ``index`` or ``scan``.
     :param audit: ``dag_id``/``run_id``/``task_id`` for the audit row.
     :param create_schema: create the tables when missing (idempotent).
     """
@@ -79,8 +83,9 @@ def aggregate_day(
         raise ValueError(f"merchant_id: must be a non-empty string or None, got {merchant_id!r}")
     names = ensure_schema(pg_conn, table) if create_schema else SchemaNames.for_table(table)
     result = AggregationResult(
-        usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage), allow_decrease=allow_decrease
-    )
+        usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage), allow_decrease=allow_decrease,
+        discovery=discovery_method(redis_client, day, discovery),
+    )  # fmt: skip
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
@@ -123,7 +128,10 @@ def _aggregate_in_one_transaction(
     redis_client, pg_conn, names, day, result, audit_base, logger, scope, *, lock_timeout, batch_size, scan_count
 ) -> None:
     with DayWriter(pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout) as writer:
-        for batch in read_day(redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count):
+        batches = read_day(
+            redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count, method=result.discovery
+        )
+        for batch in batches:
             writer.stage(batch.counters)
             result.new_bad_keys += writer.record_bad_keys(batch.bad_keys)
             result.keys_found += len(batch.counters) + len(batch.bad_keys)
@@ -134,6 +142,7 @@ def _aggregate_in_one_transaction(
             for bad in batch.bad_keys:
                 _report_bad_key(logger, result, bad)
         logger.info("Found %d usage keys to process", result.keys_found)
+        logger.debug("Keys found through %s", "the day's index" if result.discovery == "index" else "SCAN")
         if result.keys_found == 0:
             logger.warning(
                 "No usage keys in Redis for %s%s (expired or never tracked); stored rows are left as they are",

@@ -4,6 +4,10 @@ One ``SCAN`` pass over ``usage:*`` tallies the days Redis holds (keys and the
 shortest TTL per day); the audit table says which of them have had a successful
 whole-day aggregation. Memory is bounded by the number of days held, not keys.
 This pass costs the whole keyspace, once per check.
+
+The same pass keeps the day indexes honest: a key of an indexed day that is not in
+its index (written by another writer than ``usage_agg.tracking``) is added to it and
+counted, so an aggregation that reads the index finds it at its next run.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass
 
-from usage_agg.keys import KEY_PREFIX, BadKeyError, parse_key
+from usage_agg.keys import KEY_PREFIX, BadKeyError, index_key, parse_key
 from usage_agg.reconcile import EXPIRY_WARNING
 from usage_agg.sink import SchemaNames, missing_objects
 from usage_agg.source import DEFAULT_SCAN_COUNT
@@ -25,6 +29,9 @@ class DayInRedis:
     keys: int
     min_ttl_seconds: int | None
     aggregated: bool = False
+    indexed: bool = False
+    #: keys found by SCAN that were missing from the day's index (now added to it)
+    unindexed_keys: int = 0
 
     @property
     def expiring(self) -> bool:
@@ -41,6 +48,10 @@ class ExpiryReport:
         return [d for d in self.days if d.expiring and not d.aggregated]
 
     @property
+    def unindexed_keys(self) -> int:
+        return sum(d.unindexed_keys for d in self.days)
+
+    @property
     def lag_days(self) -> int:
         """Days since the oldest day that has keys but no successful aggregation (0: none)."""
         pending = [dt.date.fromisoformat(d.usage_date) for d in self.days if not d.aggregated]
@@ -51,6 +62,7 @@ class ExpiryReport:
             "days": [{**asdict(d), "expiring": d.expiring} for d in self.days],
             "at_risk": [d.usage_date for d in self.at_risk],
             "lag_days": self.lag_days,
+            "unindexed_keys": self.unindexed_keys,
         }
 
 
@@ -60,12 +72,20 @@ def days_in_redis(redis_client, *, scan_count: int = DEFAULT_SCAN_COUNT) -> dict
 
     def flush() -> None:
         pipe = redis_client.pipeline(transaction=False)
-        for key, _ in pending:
+        for key, day in pending:
             pipe.ttl(key)
-        for (_, day), ttl in zip(pending, pipe.execute()):
+            pipe.sismember(index_key(day), key)
+        replies = pipe.execute()
+        repair = redis_client.pipeline(transaction=False)
+        for (key, day), ttl, in_index in zip(pending, replies[0::2], replies[1::2]):
+            entry = days[day]
             if ttl is not None and ttl >= 0:
-                entry = days[day]
                 entry.min_ttl_seconds = ttl if entry.min_ttl_seconds is None else min(entry.min_ttl_seconds, ttl)
+            if entry.indexed and not in_index:
+                entry.unindexed_keys += 1
+                repair.sadd(index_key(day), key)
+        if len(repair):
+            repair.execute()
         pending.clear()
 
     for raw_key in redis_client.scan_iter(match=f"{KEY_PREFIX}*", count=scan_count):
@@ -73,8 +93,9 @@ def days_in_redis(redis_client, *, scan_count: int = DEFAULT_SCAN_COUNT) -> dict
             day = parse_key(raw_key).usage_date
         except BadKeyError:
             continue  # reported by the aggregation of its day, if it is one
-        entry = days.setdefault(day, DayInRedis(day.isoformat(), 0, None))
-        entry.keys += 1
+        if day not in days:
+            days[day] = DayInRedis(day.isoformat(), 0, None, indexed=bool(redis_client.exists(index_key(day))))
+        days[day].keys += 1
         pending.append((raw_key, day))
         if len(pending) >= TTL_SAMPLE_BATCH:
             flush()

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.exceptions import ResponseError
 
-from usage_agg.sink import SchemaNames, missing_objects
+from usage_agg.sink import SCHEMA_VERSION, SchemaNames, missing_objects, schema_is_current
 
 
 @dataclass
@@ -86,10 +86,9 @@ def check_postgres(conn, table: str, report: HealthReport) -> None:
     report.add("postgres", True, f"reachable, PostgreSQL {version}")
     names = SchemaNames.for_table(table)
     missing = missing_objects(conn, names)
-    report.add(
-        "postgres schema",
-        not missing,
-        f"missing {', '.join(missing)}; the next aggregation run creates them"
-        if missing
-        else f"{names.usage} and its audit, dead-letter and rollup objects exist",
-    )
+    if missing:
+        report.add("postgres schema", False, f"missing {', '.join(missing)}; the next aggregation run creates them")
+    elif not schema_is_current(conn, names):
+        report.add("postgres schema", False, f"older than version {SCHEMA_VERSION}; the next aggregation run upgrades it")
+    else:
+        report.add("postgres schema", True, f"{names.usage} and its companions exist, schema version {SCHEMA_VERSION}")

@@ -15,6 +15,9 @@ import re
 from typing import NamedTuple
 
 KEY_PREFIX = "usage:"
+#: Per-day set of that day's usage keys, written by the tracking helper. It does not
+#: start with KEY_PREFIX, so no usage pattern (``usage:*``) can ever match it.
+INDEX_PREFIX = "usage-index:"
 BIGINT_MAX = 2**63 - 1
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -67,6 +70,11 @@ def build_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) -> 
     _check_metric_type(metric_type)
     day = parse_date(usage_date)
     return f"{KEY_PREFIX}{merchant_id}:{day.isoformat()}:{metric_type}"
+
+
+def index_key(usage_date: str | dt.date) -> str:
+    """The key of the set that indexes one day's usage keys."""
+    return f"{INDEX_PREFIX}{parse_date(usage_date).isoformat()}"
 
 
 def parse_key(raw_key: bytes | str) -> UsageKey:

@@ -47,6 +47,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
     :param batch_size: keys read per pipelined round trip and staged per ``COPY``
     :param scan_count: the ``COUNT`` hint of each ``SCAN``
     :param lock_timeout_seconds: how long to wait for another writer of the same date
+    :param discovery: how keys are found: ``auto`` (the day's index written by
+        ``usage_agg.tracking`` when it exists, else ``SCAN``), ``index`` or ``scan``
     """
 
     template_fields: Sequence[str] = (
@@ -72,9 +74,11 @@ class RedisUsageToPostgresOperator(BaseOperator):
         batch_size: int = DEFAULT_BATCH_SIZE,
         scan_count: int = DEFAULT_SCAN_COUNT,
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT.total_seconds(),
+        discovery: str = "auto",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.discovery = discovery
         self.usage_date = usage_date
         self.day_offset = day_offset
         self.merchant_id = merchant_id
@@ -115,6 +119,7 @@ class RedisUsageToPostgresOperator(BaseOperator):
                 batch_size=self.batch_size,
                 scan_count=self.scan_count,
                 lock_timeout=dt.timedelta(seconds=self.lock_timeout_seconds),
+                discovery=self.discovery,
                 audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
                 logger=self.log,
             )
@@ -217,6 +222,12 @@ class UsageExpiryCheckOperator(BaseOperator):
         finally:
             pg_conn.close()
         metrics.emit_lag(report.lag_days, len(report.at_risk), table=self.table)
+        if report.unindexed_keys:
+            self.log.warning(
+                "%d usage key(s) were missing from their day's index (written by another writer than "
+                "usage_agg.tracking); added, so the next aggregation of their day reads them",
+                report.unindexed_keys,
+            )
         self.log.info(
             "Redis holds %d day(s) of usage; oldest not yet aggregated: %d day(s) ago",
             len(report.days),

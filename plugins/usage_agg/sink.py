@@ -21,6 +21,8 @@ from importlib import resources
 from usage_agg.identifiers import TableName, quote_identifier
 from usage_agg.source import BadKey, Counter
 
+#: Bumped with every change to sql/schema.sql; stored as the usage table's comment.
+SCHEMA_VERSION = 2
 ERRORS_TABLE = "usage_aggregation_errors"
 RUNS_TABLE = "usage_aggregation_runs"
 DEFAULT_LOCK_TIMEOUT = dt.timedelta(minutes=10)
@@ -62,7 +64,12 @@ class SchemaNames:
             usage_date_index=_index_name(self.usage, "usage_date_idx"),
             errors_open_index=_index_name(self.errors, "open_idx"),
             runs_date_index=_index_name(self.runs, "date_idx"),
+            version_comment=f"'{_version_comment()}'",
         )
+
+
+def _version_comment() -> str:
+    return f"usage-agg schema {SCHEMA_VERSION}"
 
 
 def _index_name(table: TableName, suffix: str) -> str:
@@ -70,13 +77,14 @@ def _index_name(table: TableName, suffix: str) -> str:
 
 
 def ensure_schema(conn, table: str | TableName) -> SchemaNames:
-    """Create the usage, dead-letter and audit tables when missing, and commit.
+    """Create or upgrade the usage, dead-letter and audit tables and the views, and commit.
 
-    Concurrent first runs would race on ``CREATE TABLE IF NOT EXISTS``; a
-    transaction-level advisory lock on the table name makes them take turns.
+    The usual case costs one catalogue query: the usage table's comment names the
+    current schema version, and nothing is done. Otherwise the idempotent DDL runs;
+    concurrent first runs would race on it, so an advisory lock makes them take turns.
     """
     names = SchemaNames.for_table(table)
-    if schema_exists(conn, names):  # the usual case: no DDL, no locks
+    if schema_is_current(conn, names):
         return names
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s)::bigint)", (f"usage_agg schema {names.usage}",))
@@ -99,6 +107,15 @@ def missing_objects(conn, names: SchemaNames) -> list[str]:
 
 def schema_exists(conn, names: SchemaNames) -> bool:
     return not missing_objects(conn, names)
+
+
+def schema_is_current(conn, names: SchemaNames) -> bool:
+    """Whether the schema exists at the current version (read-only; ends its transaction)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (names.usage.quoted,))
+        comment = cur.fetchone()[0]
+    conn.rollback()
+    return comment == _version_comment() and schema_exists(conn, names)
 
 
 @dataclass

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import ResponseError
 
-from usage_agg.keys import BadKeyError, UsageKey, belongs_to, day_pattern, parse_key, parse_quantity
+from usage_agg.keys import BadKeyError, UsageKey, belongs_to, day_pattern, index_key, parse_key, parse_quantity
 
+DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
 DEFAULT_SCAN_COUNT = 1_000
 #: How much of a bad value is kept for the dead-letter record and the log.
@@ -51,6 +52,19 @@ class Batch:
     vanished: int = 0
 
 
+def discovery_method(client, usage_date: dt.date, discovery: str = "auto") -> str:
+    """How a day's keys are found: ``"index"`` (the day's index set) or ``"scan"``.
+
+    ``auto`` reads the index when the day has one (the tracking helper writes it) and
+    scans the keyspace otherwise, for days written by other writers.
+    """
+    if discovery not in DISCOVERY_MODES:
+        raise ValueError(f"discovery: must be one of {', '.join(DISCOVERY_MODES)}, got {discovery!r}")
+    if discovery == "auto":
+        return "index" if client.exists(index_key(usage_date)) else "scan"
+    return discovery
+
+
 def read_day(
     client,
     usage_date: dt.date,
@@ -58,13 +72,24 @@ def read_day(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     scan_count: int = DEFAULT_SCAN_COUNT,
+    method: str = "scan",
 ) -> Iterator[Batch]:
-    """Yield the day's counters (and bad keys) batch by batch."""
+    """Yield the day's counters (and bad keys) batch by batch.
+
+    :param method: ``"scan"`` (``SCAN`` over the keyspace) or ``"index"`` (``SSCAN``
+        over the day's index set); see :func:`discovery_method`.
+    """
     if batch_size < 1 or scan_count < 1:
         raise ValueError("batch_size and scan_count must be positive")
     pattern = day_pattern(usage_date, merchant_id)
+    if method == "index":
+        keys = client.sscan_iter(index_key(usage_date), match=pattern, count=scan_count)
+    elif method == "scan":
+        keys = client.scan_iter(match=pattern, count=scan_count)
+    else:
+        raise ValueError(f"method: must be 'index' or 'scan', got {method!r}")
     pending: list[bytes] = []
-    for raw_key in client.scan_iter(match=pattern, count=scan_count):
+    for raw_key in keys:
         pending.append(_as_bytes(raw_key))
         if len(pending) >= batch_size:
             yield _read_batch(client, pending, usage_date, merchant_id)

@@ -56,7 +56,8 @@ def test_a_run_without_logical_date_aggregates_today_and_yesterday_utc(redis_cli
 
 
 def test_a_new_bad_key_fails_once_without_retry_and_good_keys_are_committed(redis_client, usage_env, query):
-    track_usage(redis_client, "acme", "queries", 5, usage_date="2025-11-02")
+    # Both written by another writer than usage_agg.tracking: no day index, so SCAN finds both.
+    redis_client.incrby("usage:acme:2025-11-02:queries", 5)
     redis_client.set("usage:broken:2025-11-02:queries", "not-a-number")
     dag = "usage_aggregation"
     first = run_dag(dag, logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pendulum
 import pytest
 
-from tests.dags.conftest import AIRFLOW_V3, run_dag
+from tests.dags.conftest import AIRFLOW_V3, load_dagbag, run_dag
 from usage_agg.alerts import UsageAlertNotifier
 from usage_agg.operators import RedisUsageToPostgresOperator
 from usage_agg.tracking import track_usage
@@ -160,3 +160,41 @@ def test_metrics_reach_statsd(redis_client, usage_env):
                    "unaggregated_lag_days", "days_expiring_unaggregated"):  # fmt: skip
         assert f"airflow.usage_agg.{metric}" in names, sorted(n for n in names if "usage_agg" in n)
     assert "airflow.usage_agg.keys_found:1|c" in packets
+
+
+@pytest.fixture
+def smtp_server():
+    """A real SMTP server on loopback that keeps what it receives."""
+    from aiosmtpd.controller import Controller
+
+    received = []
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            received.append((envelope.rcpt_tos, envelope.content.decode("utf-8", "replace")))
+            return "250 OK"
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+    controller.start()
+    yield port, received
+    controller.stop()
+
+
+def test_notifier_sends_email_through_the_smtp_provider(smtp_server, monkeypatch):
+    port, received = smtp_server
+    monkeypatch.delenv("USAGE_AGG_ALERT_WEBHOOK", raising=False)
+    monkeypatch.setenv("USAGE_AGG_ALERT_EMAIL", "oncall@example.com, billing@example.com")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_SMTP_DEFAULT",
+        json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": port,
+                    "extra": {"disable_ssl": True, "disable_tls": True, "from_email": "usage-agg@example.com"}}),
+    )  # fmt: skip
+    dag = load_dagbag().get_dag("usage_aggregation")  # callback contexts carry the DAG
+    UsageAlertNotifier().notify({"dag": dag, "task_instance": FakeTI(), "exception": "3 new bad keys"})
+    assert len(received) == 1
+    recipients, message = received[0]
+    assert sorted(recipients) == ["billing@example.com", "oncall@example.com"]
+    assert "usage_aggregation run manual__x failed at task aggregate_current_day: 3 new bad keys" in message

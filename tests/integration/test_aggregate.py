@@ -92,8 +92,8 @@ class FailingAfterFirstBatch:
         self.client = client
         self.pipelines = 0
 
-    def scan_iter(self, **kwargs):
-        return self.client.scan_iter(**kwargs)
+    def __getattr__(self, name):  # everything else is the real client's
+        return getattr(self.client, name)
 
     def pipeline(self, **kwargs):
         self.pipelines += 1
@@ -166,7 +166,8 @@ def test_bad_keys_never_block_good_ones_and_are_recorded(redis_client, pg_conn, 
     redis_client.rpush(b"usage:list:2025-11-01:q", b"1")
     redis_client.hset(b"usage:hash:2025-11-01:q", b"f", b"1")
 
-    result = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    # The bad keys come from other writers, outside the day's index: read the day with SCAN.
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table, discovery="scan")
     assert rows(query, table) == {("good", "queries"): 5, ("good", "storage"): 6}
     assert (result.keys_found, result.bad_keys, result.new_bad_keys) == (2 + 9, 9, 9)
     reasons = dict(query(f"SELECT redis_key, reason FROM {pg_schema}.usage_aggregation_errors"))
@@ -218,7 +219,7 @@ def test_logs_read_like_the_original_job(redis_client, pg_conn, table, caplog):
     seed(redis_client, {("acme", "queries"): 1, ("acme", "storage"): 2})
     redis_client.set("usage:bad:2025-11-01:q", "x")
     with caplog.at_level(logging.INFO, logger="usage_agg"):
-        aggregate_day(redis_client, pg_conn, DAY, table=table)
+        aggregate_day(redis_client, pg_conn, DAY, table=table, discovery="scan")
     messages = [r.getMessage() for r in caplog.records]
     assert "Starting aggregation for date: 2025-11-01" in messages
     assert "Found 3 usage keys to process" in messages
@@ -295,3 +296,17 @@ def test_weekly_and_monthly_rollups_follow_iso_weeks_and_months(redis_client, pg
     assert weekly == [("2025-W01", "2024-12-30", 7, 3), ("2025-W02", "2025-01-06", 8, 1)]
     monthly = query(f"SELECT month, quantity FROM {table}_monthly ORDER BY 1")
     assert monthly == [("2024-12", 3), ("2025-01", 12)]
+
+
+def test_an_older_schema_is_upgraded_by_the_next_run(redis_client, pg_conn, table, pg_schema, query):
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    # what version 1 looked like: no error column, no version comment
+    query(f"ALTER TABLE {pg_schema}.usage_aggregation_runs DROP COLUMN error; COMMENT ON TABLE {table} IS NULL; SELECT 1")
+    seed(redis_client, {("acme", "queries"): 1})
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert query(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = %s AND column_name = 'error'",
+        (pg_schema, "usage_aggregation_runs"),
+    ) == [(1,)]
+    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 2",)]
+    assert rows(query, table) == {("acme", "queries"): 1}

@@ -36,8 +36,8 @@ class CutAfterFirstBatch:
     def __init__(self, client, cut):
         self.client, self.cut, self.batches = client, cut, 0
 
-    def scan_iter(self, **kwargs):
-        return self.client.scan_iter(**kwargs)
+    def __getattr__(self, name):  # everything else is the real client's
+        return getattr(self.client, name)
 
     def pipeline(self, **kwargs):
         self.batches += 1

@@ -1,4 +1,6 @@
--- usage-agg schema. Idempotent: run before every aggregation, under an advisory lock.
+-- usage-agg schema. Idempotent: applied under an advisory lock whenever the usage table's
+-- comment does not name the current schema version (see sink.SCHEMA_VERSION), so every
+-- later change is written here as an idempotent statement (ADD COLUMN IF NOT EXISTS, ...).
 -- {usage_table}, {errors_table}, {runs_table} and the index names are validated, quoted identifiers.
 
 -- Daily totals, the source of truth for billing and analytics.
@@ -44,10 +46,11 @@ CREATE TABLE IF NOT EXISTS {runs_table} (
     new_bad_keys      bigint      NOT NULL,
     started_at        timestamptz NOT NULL,
     finished_at       timestamptz NOT NULL DEFAULT now(),
-    outcome           text        NOT NULL,
-    error             text
+    outcome           text        NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {runs_date_index} ON {runs_table} (usage_date, finished_at);
+-- version 2: the error of a failed run
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS error text;
 
 -- Other windows over the daily rows, so analytics needs no second job.
 -- ISO weeks start on Monday; iso_week reads like 2025-W01 (a week can straddle a year).
@@ -72,3 +75,5 @@ SELECT merchant_id,
        max(updated_at)                                               AS updated_at
 FROM {usage_table}
 GROUP BY merchant_id, metric_type, date_trunc('month', usage_date), to_char(usage_date, 'YYYY-MM');
+
+COMMENT ON TABLE {usage_table} IS {version_comment};
