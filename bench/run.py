@@ -164,13 +164,20 @@ def raw_write(conn, table: str, buffer_text: str) -> None:
 # -- 6. memory --------------------------------------------------------------------------------
 
 CHILD = """
-import resource, sys, psycopg2, redis, datetime as dt
+import sys, psycopg2, redis, datetime as dt
 from usage_agg.aggregate import aggregate_day
+
+def high_water_kib():
+    # VmHWM belongs to this process image; ru_maxrss would carry the forking parent's peak over exec
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
 client = redis.Redis(host=sys.argv[1], port=int(sys.argv[2]), db=int(sys.argv[3]))
 conn = psycopg2.connect(sys.argv[4])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = high_water_kib()
 aggregate_day(client, conn, dt.date.fromisoformat(sys.argv[5]), table=sys.argv[6], discovery=sys.argv[7])
-print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(before, high_water_kib())
 """
 
 

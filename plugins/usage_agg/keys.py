@@ -11,6 +11,7 @@ Nothing here does I/O; every function is pure so it can be property-tested.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 from typing import NamedTuple
 
@@ -98,11 +99,16 @@ def parse_key(raw_key: bytes | str) -> UsageKey:
         raise BadKeyError("metric type is empty")
     if "\x00" in key:
         raise BadKeyError("key contains a NUL character, which PostgreSQL text cannot store")
+    return UsageKey(merchant_id, _key_date(day), metric_type)
+
+
+@functools.lru_cache(maxsize=64)
+def _key_date(text: str) -> dt.date:
+    """A key's date; cached, since one day's keys all carry the same few strings."""
     try:
-        usage_date = parse_date(day, field="date")
+        return parse_date(text, field="date")
     except ValueError as err:
         raise BadKeyError(str(err)) from None
-    return UsageKey(merchant_id, usage_date, metric_type)
 
 
 def parse_quantity(raw_value: bytes | str) -> int:

@@ -26,6 +26,7 @@ SCHEMA_VERSION = 2
 ERRORS_TABLE = "usage_aggregation_errors"
 RUNS_TABLE = "usage_aggregation_runs"
 DEFAULT_LOCK_TIMEOUT = dt.timedelta(minutes=10)
+MERGE_WORK_MEM = "64MB"
 #: How many refused decreases are returned (and logged) by name; all are counted.
 SAMPLE_LIMIT = 20
 
@@ -160,6 +161,8 @@ class DayWriter:
             (f"usage_agg {self.names.usage}", self.usage_date.toordinal()),
         )
         cur.execute("SELECT set_config('lock_timeout', '0', true)")
+        # The merge hashes a whole day: give it memory rather than let it spill to disk.
+        cur.execute("SELECT set_config('work_mem', %s, true)", (MERGE_WORK_MEM,))
         cur.execute(
             f"CREATE TEMPORARY TABLE {_STAGE} (merchant_id text NOT NULL, metric_type text NOT NULL,"
             " quantity bigint NOT NULL) ON COMMIT DROP"
@@ -232,55 +235,56 @@ class DayWriter:
         return int(self._cur.fetchone()[0])
 
     def merge(self) -> MergeResult:
-        """Upsert the staged counters into the usage table."""
+        """Upsert the staged counters into the usage table, in one statement.
+
+        One join of the staged day with its stored rows classifies every counter;
+        only new and grown rows (and lowered ones, if allowed) reach the INSERT, so
+        an unchanged day writes nothing at all. Counters only grow: the
+        ``ON CONFLICT ... WHERE`` keeps that true even against a writer without the lock.
+        """
         cur = self._cur
         usage = self.names.usage.quoted
         params = {"day": self.usage_date, "allow": self.allow_decrease, "limit": SAMPLE_LIMIT}
         compared = f"""
-            WITH src AS (
+            SELECT s.merchant_id, s.metric_type, s.quantity, t.quantity AS stored
+            FROM (
                 SELECT merchant_id, metric_type, max(quantity) AS quantity
                 FROM {_STAGE} GROUP BY merchant_id, metric_type
-            )
-            SELECT s.merchant_id, s.metric_type, s.quantity, t.quantity AS stored
-            FROM src s LEFT JOIN {usage} t
+            ) s
+            LEFT JOIN {usage} t
               ON t.merchant_id = s.merchant_id AND t.usage_date = %(day)s AND t.metric_type = s.metric_type
         """
         cur.execute(
             f"""
-            SELECT count(*) FILTER (WHERE quantity = stored),
+            WITH compared AS MATERIALIZED ({compared}),
+            written AS (
+                INSERT INTO {usage} AS t (merchant_id, usage_date, metric_type, quantity)
+                SELECT merchant_id, %(day)s, metric_type, quantity FROM compared
+                WHERE stored IS NULL OR quantity > stored OR (%(allow)s AND quantity <> stored)
+                ON CONFLICT (merchant_id, usage_date, metric_type) DO UPDATE
+                   SET quantity = EXCLUDED.quantity, updated_at = now()
+                 WHERE t.quantity < EXCLUDED.quantity
+                    OR (%(allow)s AND t.quantity <> EXCLUDED.quantity)
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM written),
+                   count(*) FILTER (WHERE quantity = stored),
                    count(*) FILTER (WHERE quantity < stored AND NOT %(allow)s)
-            FROM ({compared}) c
+            FROM compared
             """,
             params,
         )
-        unchanged, refused = cur.fetchone()
-        result = MergeResult(rows_unchanged=int(unchanged), decreases_refused=int(refused))
-        if refused:
+        written, unchanged, refused = cur.fetchone()
+        result = MergeResult(rows_written=int(written), rows_unchanged=int(unchanged), decreases_refused=int(refused))
+        if refused:  # rare: compare again, now that the written rows are in place (refused ones were not)
             cur.execute(
-                f"""
-                SELECT merchant_id, metric_type, stored, quantity FROM ({compared}) c
-                WHERE quantity < stored ORDER BY merchant_id, metric_type LIMIT %(limit)s
-                """,
+                f"""SELECT merchant_id, metric_type, stored, quantity FROM ({compared}) c
+                    WHERE quantity < stored ORDER BY merchant_id, metric_type LIMIT %(limit)s""",
                 params,
             )
             result.refused_samples = [
                 {"merchant_id": m, "metric_type": t, "stored": int(s), "redis": int(q)} for m, t, s, q in cur.fetchall()
             ]
-        # Counters only grow: the WHERE clause keeps a lower Redis value from lowering
-        # a row (unless allowed), and leaves equal rows untouched (no dead tuples).
-        cur.execute(
-            f"""
-            INSERT INTO {usage} AS t (merchant_id, usage_date, metric_type, quantity)
-            SELECT merchant_id, %(day)s, metric_type, max(quantity)
-            FROM {_STAGE} GROUP BY merchant_id, metric_type
-            ON CONFLICT (merchant_id, usage_date, metric_type) DO UPDATE
-               SET quantity = EXCLUDED.quantity, updated_at = now()
-             WHERE t.quantity < EXCLUDED.quantity
-                OR (%(allow)s AND t.quantity <> EXCLUDED.quantity)
-            """,
-            params,
-        )
-        result.rows_written = max(cur.rowcount, 0)
         self._resolve_fixed_keys()
         return result
 
@@ -288,12 +292,16 @@ class DayWriter:
         """Mark dead letters of this date resolved once their key aggregates cleanly."""
         errors = self.names.errors.quoted
         self._cur.execute(
+            f"SELECT EXISTS (SELECT 1 FROM {errors} WHERE resolved_at IS NULL AND usage_date = %s)", (self.usage_date,)
+        )
+        if not self._cur.fetchone()[0]:
+            return
+        self._cur.execute(
             f"""
             UPDATE {errors} e SET resolved_at = now(), resolution = 'fixed'
+            FROM (SELECT DISTINCT merchant_id, metric_type FROM {_STAGE}) c
             WHERE e.resolved_at IS NULL AND e.usage_date = %(day)s
-              AND e.redis_key IN (
-                  SELECT 'usage:' || merchant_id || ':' || %(day_text)s || ':' || metric_type FROM {_STAGE}
-              )
+              AND e.redis_key = 'usage:' || c.merchant_id || ':' || %(day_text)s || ':' || c.metric_type
             """,
             {"day": self.usage_date, "day_text": self.usage_date.isoformat()},
         )

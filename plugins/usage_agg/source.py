@@ -11,10 +11,18 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from redis.exceptions import ResponseError
-
-from usage_agg.keys import BadKeyError, UsageKey, belongs_to, day_pattern, index_key, parse_key, parse_quantity
+from usage_agg.keys import (
+    KEY_PREFIX,
+    BadKeyError,
+    UsageKey,
+    belongs_to,
+    day_pattern,
+    index_key,
+    parse_key,
+    parse_quantity,
+)
 
 DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
@@ -23,8 +31,7 @@ DEFAULT_SCAN_COUNT = 1_000
 RAW_VALUE_PREVIEW = 200
 
 
-@dataclass(frozen=True)
-class Counter:
+class Counter(NamedTuple):
     key: UsageKey
     quantity: int
 
@@ -105,12 +112,15 @@ def _as_bytes(value: bytes | str) -> bytes:
 def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None) -> Batch:
     batch = Batch()
     to_read: list[tuple[bytes, UsageKey | None, str | None]] = []
+    day_text = usage_date.isoformat()
     for raw_key in dict.fromkeys(raw_keys):  # SCAN may return a key twice
-        try:
-            parsed = parse_key(raw_key)
-        except BadKeyError as err:
-            to_read.append((raw_key, None, str(err)))
-            continue
+        parsed = _parse_key_of_day(raw_key, usage_date, day_text)
+        if parsed is None:  # not the common shape: the full parser says what it is
+            try:
+                parsed = parse_key(raw_key)
+            except BadKeyError as err:
+                to_read.append((raw_key, None, str(err)))
+                continue
         if belongs_to(parsed, usage_date, merchant_id):
             to_read.append((raw_key, parsed, None))
         else:
@@ -118,29 +128,53 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
     if not to_read:
         return batch
 
-    pipe = client.pipeline(transaction=False)
-    for raw_key, _, _ in to_read:
-        pipe.get(raw_key)
-    values = pipe.execute(raise_on_error=False)
+    values = _read_values(client, [raw_key for raw_key, _, _ in to_read])
 
-    wrong_type: list[bytes] = []
+    not_strings: list[bytes] = []
     for (raw_key, parsed, parse_error), value in zip(to_read, values):
-        if isinstance(value, ResponseError):
-            if "WRONGTYPE" not in str(value):
-                raise value
-            wrong_type.append(raw_key)
-        elif value is None:
-            batch.vanished += 1
+        if value is None:  # gone since SCAN, or not a string (MGET answers nil for both)
+            not_strings.append(raw_key)
         elif parse_error is not None:
             batch.bad_keys.append(BadKey(raw_key, parse_error, _preview(value)))
         else:
+            if type(value) is bytes and value.isdigit() and len(value) < 19:  # fast path: ASCII digits, a bigint
+                batch.counters.append(Counter(parsed, int(value)))
+                continue
             try:
                 batch.counters.append(Counter(parsed, parse_quantity(value)))
             except BadKeyError as err:
                 batch.bad_keys.append(BadKey(raw_key, str(err), _preview(value)))
-    if wrong_type:
-        batch.bad_keys.extend(_describe_wrong_types(client, wrong_type))
+    if not_strings:
+        wrong_type = _describe_wrong_types(client, not_strings)
+        batch.vanished += len(not_strings) - len(wrong_type)
+        batch.bad_keys.extend(wrong_type)
     return batch
+
+
+def _parse_key_of_day(raw_key: bytes, usage_date: dt.date, day_text: str) -> UsageKey | None:
+    """The common case, fast: a well-formed UTF-8 key of the day being read; else None.
+
+    Anything unusual (another day, bad UTF-8, NUL, empty parts) returns None and goes
+    through :func:`usage_agg.keys.parse_key`, which gives the exact reason.
+    """
+    try:
+        key = raw_key.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    parts = key.rsplit(":", 2)
+    if len(parts) != 3 or parts[1] != day_text or not parts[2] or "\x00" in key:
+        return None
+    head = parts[0]
+    if not head.startswith(KEY_PREFIX) or len(head) == len(KEY_PREFIX):
+        return None
+    return UsageKey(head[len(KEY_PREFIX) :], usage_date, parts[2])
+
+
+def _read_values(client, raw_keys: list[bytes]) -> list:
+    """All values of a batch in one command: ``MGET`` (per slot on a cluster)."""
+    if hasattr(client, "mget_nonatomic"):  # RedisCluster: MGET must not cross slots
+        return client.mget_nonatomic(raw_keys)
+    return client.mget(raw_keys)
 
 
 def _preview(value: bytes | str) -> bytes:
@@ -148,11 +182,13 @@ def _preview(value: bytes | str) -> bytes:
 
 
 def _describe_wrong_types(client, raw_keys: list[bytes]) -> list[BadKey]:
+    """Bad-key records for the keys that hold another Redis type (``none``: vanished)."""
     pipe = client.pipeline(transaction=False)
     for raw_key in raw_keys:
         pipe.type(raw_key)
-    types = pipe.execute(raise_on_error=False)
+    kinds = [_as_bytes(kind).decode("ascii", "replace") for kind in pipe.execute(raise_on_error=False)]
     return [
-        BadKey(raw_key, f"key holds a Redis {_as_bytes(kind).decode('ascii', 'replace')}, not a string counter")
-        for raw_key, kind in zip(raw_keys, types)
+        BadKey(raw_key, f"key holds a Redis {kind}, not a string counter")
+        for raw_key, kind in zip(raw_keys, kinds)
+        if kind != "none"
     ]

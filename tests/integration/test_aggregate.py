@@ -90,16 +90,16 @@ class FailingAfterFirstBatch:
 
     def __init__(self, client):
         self.client = client
-        self.pipelines = 0
+        self.batches = 0
 
     def __getattr__(self, name):  # everything else is the real client's
         return getattr(self.client, name)
 
-    def pipeline(self, **kwargs):
-        self.pipelines += 1
-        if self.pipelines > 1:
+    def mget(self, keys):  # one MGET per batch
+        self.batches += 1
+        if self.batches > 1:
             raise redis.ConnectionError("Connection reset by peer (injected)")
-        return self.client.pipeline(**kwargs)
+        return self.client.mget(keys)
 
 
 def test_a_run_failing_part_way_leaves_the_date_as_it_was(redis_client, pg_conn, table, query):
