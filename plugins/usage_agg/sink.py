@@ -96,14 +96,27 @@ def ensure_schema(conn, table: str | TableName) -> SchemaNames:
     return names
 
 
-def missing_objects(conn, names: SchemaNames) -> list[str]:
-    """The tables and views of the schema that do not exist (read-only; ends its transaction)."""
+def _catalogue(conn, names: SchemaNames) -> tuple[list[str], str | None]:
+    """The schema's missing tables and views, and the usage table's version comment.
+
+    One read-only query; it ends its transaction.
+    """
     objects = [names.usage, names.errors, names.runs, names.weekly, names.monthly]
     with conn.cursor() as cur:
-        cur.execute("SELECT n FROM unnest(%s::text[]) AS n WHERE to_regclass(n) IS NULL", ([o.quoted for o in objects],))
-        missing = {row[0] for row in cur.fetchall()}
+        cur.execute(
+            """SELECT array_remove(array_agg(CASE WHEN to_regclass(n) IS NULL THEN n END), NULL),
+                      obj_description(to_regclass(%s), 'pg_class')
+               FROM unnest(%s::text[]) AS n""",
+            (names.usage.quoted, [o.quoted for o in objects]),
+        )
+        missing_quoted, comment = cur.fetchone()
     conn.rollback()
-    return [str(o) for o in objects if o.quoted in missing]
+    return [str(o) for o in objects if o.quoted in set(missing_quoted)], comment
+
+
+def missing_objects(conn, names: SchemaNames) -> list[str]:
+    """The tables and views of the schema that do not exist."""
+    return _catalogue(conn, names)[0]
 
 
 def schema_exists(conn, names: SchemaNames) -> bool:
@@ -111,12 +124,9 @@ def schema_exists(conn, names: SchemaNames) -> bool:
 
 
 def schema_is_current(conn, names: SchemaNames) -> bool:
-    """Whether the schema exists at the current version (read-only; ends its transaction)."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", (names.usage.quoted,))
-        comment = cur.fetchone()[0]
-    conn.rollback()
-    return comment == _version_comment() and schema_exists(conn, names)
+    """Whether the whole schema exists at the current version."""
+    missing, comment = _catalogue(conn, names)
+    return not missing and comment == _version_comment()
 
 
 @dataclass

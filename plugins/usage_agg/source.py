@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from usage_agg.keys import (
-    KEY_PREFIX,
     BadKeyError,
     UsageKey,
     belongs_to,
     day_pattern,
     index_key,
     parse_key,
+    parse_key_of_day,
     parse_quantity,
 )
 
@@ -114,7 +114,7 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
     to_read: list[tuple[bytes, UsageKey | None, str | None]] = []
     day_text = usage_date.isoformat()
     for raw_key in dict.fromkeys(raw_keys):  # SCAN may return a key twice
-        parsed = _parse_key_of_day(raw_key, usage_date, day_text)
+        parsed = parse_key_of_day(raw_key, usage_date, day_text)
         if parsed is None:  # not the common shape: the full parser says what it is
             try:
                 parsed = parse_key(raw_key)
@@ -137,9 +137,6 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
         elif parse_error is not None:
             batch.bad_keys.append(BadKey(raw_key, parse_error, _preview(value)))
         else:
-            if type(value) is bytes and value.isdigit() and len(value) < 19:  # fast path: ASCII digits, a bigint
-                batch.counters.append(Counter(parsed, int(value)))
-                continue
             try:
                 batch.counters.append(Counter(parsed, parse_quantity(value)))
             except BadKeyError as err:
@@ -149,25 +146,6 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
         batch.vanished += len(not_strings) - len(wrong_type)
         batch.bad_keys.extend(wrong_type)
     return batch
-
-
-def _parse_key_of_day(raw_key: bytes, usage_date: dt.date, day_text: str) -> UsageKey | None:
-    """The common case, fast: a well-formed UTF-8 key of the day being read; else None.
-
-    Anything unusual (another day, bad UTF-8, NUL, empty parts) returns None and goes
-    through :func:`usage_agg.keys.parse_key`, which gives the exact reason.
-    """
-    try:
-        key = raw_key.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    parts = key.rsplit(":", 2)
-    if len(parts) != 3 or parts[1] != day_text or not parts[2] or "\x00" in key:
-        return None
-    head = parts[0]
-    if not head.startswith(KEY_PREFIX) or len(head) == len(KEY_PREFIX):
-        return None
-    return UsageKey(head[len(KEY_PREFIX) :], usage_date, parts[2])
 
 
 def _read_values(client, raw_keys: list[bytes]) -> list:
