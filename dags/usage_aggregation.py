@@ -13,7 +13,12 @@ A last task, `check_expiring_usage`, fails (and alerts) when a day that was neve
 aggregated has less than a day left in Redis, and reports the aggregation lag.
 Failures alert through `USAGE_AGG_ALERT_WEBHOOK` / `USAGE_AGG_ALERT_EMAIL`.
 
-Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`). Connections:
+A backfill creates 24 runs a day; only each day's midnight run reads Redis, the
+others skip at once (so every day is read at most twice), and the expiry check
+is left to the scheduled runs.
+
+Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`; keep a tick at 00:00 UTC,
+which backfills rely on); concurrent runs: `USAGE_AGGREGATION_MAX_ACTIVE_RUNS` (default 8). Connections:
 `USAGE_AGG_REDIS_CONN_ID` / `USAGE_AGG_POSTGRES_CONN_ID` (default `usage_redis` /
 `usage_postgres`).
 """
@@ -33,7 +38,7 @@ with DAG(
     schedule=dag_config.aggregation_schedule(),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    max_active_runs=dag_config.aggregation_max_active_runs(),
     default_args=dag_config.default_args(),
     tags=["usage", "billing"],
     on_failure_callback=UsageAlertNotifier(),

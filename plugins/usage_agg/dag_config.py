@@ -12,6 +12,10 @@ import os
 from usage_agg.operators import DEFAULT_POSTGRES_CONN_ID, DEFAULT_REDIS_CONN_ID
 
 DEFAULT_SCHEDULE = "@hourly"
+#: Concurrent runs of the hourly DAG. Runs of one day wait for each other (an advisory
+#: lock per day), so this only bounds the load; a backfill's 24 runs a day, most of
+#: them skipped at once, go this many at a time.
+DEFAULT_MAX_ACTIVE_RUNS = 8
 
 
 def redis_conn_id() -> str:
@@ -28,6 +32,13 @@ def usage_table() -> str:
 
 def aggregation_schedule() -> str:
     return os.environ.get("USAGE_AGGREGATION_SCHEDULE") or DEFAULT_SCHEDULE
+
+
+def aggregation_max_active_runs() -> int:
+    raw = os.environ.get("USAGE_AGGREGATION_MAX_ACTIVE_RUNS") or str(DEFAULT_MAX_ACTIVE_RUNS)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"USAGE_AGGREGATION_MAX_ACTIVE_RUNS: expected a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def default_args() -> dict:

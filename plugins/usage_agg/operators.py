@@ -6,7 +6,7 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from airflow.providers.common.compat.sdk import AirflowFailException, BaseOperator
+from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSkipException, BaseOperator
 
 from usage_agg import metrics
 from usage_agg.aggregate import aggregate_day
@@ -49,6 +49,9 @@ class RedisUsageToPostgresOperator(BaseOperator):
     :param lock_timeout_seconds: how long to wait for another writer of the same date
     :param discovery: how keys are found: ``auto`` (the day's index written by
         ``usage_agg.tracking`` when it exists, else ``SCAN``), ``index`` or ``scan``
+    :param once_per_day_in_backfill: in a backfill, only the run at midnight UTC reads
+        Redis; the day's other runs would repeat its work and are skipped. Scheduled
+        and manual runs always aggregate.
     """
 
     template_fields: Sequence[str] = (
@@ -75,10 +78,12 @@ class RedisUsageToPostgresOperator(BaseOperator):
         scan_count: int = DEFAULT_SCAN_COUNT,
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT.total_seconds(),
         discovery: str = "auto",
+        once_per_day_in_backfill: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.discovery = discovery
+        self.once_per_day_in_backfill = once_per_day_in_backfill
         self.usage_date = usage_date
         self.day_offset = day_offset
         self.merchant_id = merchant_id
@@ -101,6 +106,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
             allow_decrease = as_bool(self.allow_decrease, field="allow_decrease")
         except ValueError as err:  # a configuration error: retrying cannot fix it
             raise AirflowFailException(str(err)) from None
+        if self.once_per_day_in_backfill and (why := repeated_backfill_work(context)):
+            raise AirflowSkipException(f"Not aggregating {day}: {why}")
 
         redis_hook = RedisHook(redis_conn_id=self.redis_conn_id)
         redis_client = redis_hook.get_conn()
@@ -215,6 +222,10 @@ class UsageExpiryCheckOperator(BaseOperator):
 
         from usage_agg.expiry import check_expiry
 
+        if is_backfill(context):
+            raise AirflowSkipException(
+                "Backfill run: expiry is about what Redis holds now, which the scheduled runs check"
+            )
         redis_client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
         pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
         try:
@@ -254,6 +265,35 @@ def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_o
     else:
         day = dt.datetime.now(dt.timezone.utc).date()
     return day + dt.timedelta(days=day_offset)
+
+
+def is_backfill(context: Context) -> bool:
+    """Whether the task runs in a backfill (``airflow dags backfill`` / ``airflow backfill create``)."""
+    run_type = getattr(context.get("dag_run"), "run_type", None)
+    return str(getattr(run_type, "value", run_type)) == "backfill"
+
+
+def repeated_backfill_work(context: Context) -> str | None:
+    """Why this run would only repeat another backfill run's Redis work, or ``None``.
+
+    A backfill of the hourly DAG creates 24 runs per day; each day's counters are
+    final by then, so reading them 24 times is waste. Only the run at midnight UTC
+    reads them: with its ``aggregate_previous_day`` and the next midnight's
+    ``aggregate_current_day`` that is each day at most twice. A backfill range
+    that holds no midnight is therefore a no-op; widen it to the whole day.
+    """
+    if not is_backfill(context):
+        return None
+    logical_date = context.get("logical_date")
+    if logical_date is None:
+        return None
+    utc = logical_date.astimezone(dt.timezone.utc)
+    if utc.time() == dt.time(0, 0):
+        return None
+    return (
+        f"backfill run of {utc.isoformat()} would repeat the work of the backfill run of "
+        f"{utc.date().isoformat()}T00:00:00+00:00, which aggregates this day and the one before"
+    )
 
 
 def as_bool(value: bool | str, *, field: str) -> bool:

@@ -38,10 +38,10 @@ def test_dags_have_owner_tags_retries_with_backoff_and_docs(dag_id):
         assert task.max_retry_delay is not None and task.max_retry_delay <= dt.timedelta(hours=1)
 
 
-def test_hourly_dag_is_hourly_one_run_at_a_time_and_covers_two_days():
+def test_hourly_dag_is_hourly_with_bounded_concurrency_and_covers_two_days():
     dag = load_dagbag().get_dag("usage_aggregation")
     assert schedule_of(dag) == "@hourly"
-    assert dag.max_active_runs == 1
+    assert dag.max_active_runs == 8
     aggregations = [t for t in dag.tasks if t.task_type == "RedisUsageToPostgresOperator"]
     assert {t.task_id: t.day_offset for t in aggregations} == {"aggregate_previous_day": -1, "aggregate_current_day": 0}
     assert all(t.merchant_id is None for t in aggregations)
@@ -51,11 +51,13 @@ def test_hourly_dag_is_hourly_one_run_at_a_time_and_covers_two_days():
 
 def test_schedule_connections_and_table_come_from_env(monkeypatch):
     monkeypatch.setenv("USAGE_AGGREGATION_SCHEDULE", "*/15 * * * *")
+    monkeypatch.setenv("USAGE_AGGREGATION_MAX_ACTIVE_RUNS", "2")
     monkeypatch.setenv("USAGE_AGG_REDIS_CONN_ID", "other_redis")
     monkeypatch.setenv("USAGE_AGG_POSTGRES_CONN_ID", "other_postgres")
     monkeypatch.setenv("USAGE_AGG_TABLE", "billing.usage_daily")
     bag = load_dagbag()
     assert schedule_of(bag.get_dag("usage_aggregation")) == "*/15 * * * *"
+    assert bag.get_dag("usage_aggregation").max_active_runs == 2
     for dag in bag.dags.values():
         operators = [t for t in dag.tasks if t.task_type in ("RedisUsageToPostgresOperator", "UsageExpiryCheckOperator")]
         assert operators

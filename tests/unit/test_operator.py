@@ -87,3 +87,44 @@ def test_a_bad_date_is_a_configuration_error_not_retried(mocker):
     with pytest.raises(AirflowFailException, match="usage_date"):
         operator.execute({"ti": ti})
     aggregate.assert_not_called()
+
+
+def _backfill_context(ti, hour: int, run_type: str = "backfill") -> dict:
+    from types import SimpleNamespace
+
+    import pendulum
+
+    return {
+        "ti": ti,
+        "dag_run": SimpleNamespace(run_type=run_type),
+        "logical_date": pendulum.datetime(2025, 11, 3, hour, tz="UTC"),
+        "ds": "2025-11-03",
+    }
+
+
+@pytest.mark.parametrize("hour", [1, 12, 23])
+def test_a_backfill_run_after_midnight_skips_without_reading_redis(mocker, hour):
+    from airflow.providers.common.compat.sdk import AirflowSkipException
+
+    operator, aggregate, ti = _run_with_result(mocker, AggregationResult("x", None, "t"))
+    operator.usage_date = None
+    with pytest.raises(AirflowSkipException, match=r"would repeat the work of the backfill run of 2025-11-03T00:00"):
+        operator.execute(_backfill_context(ti, hour))
+    aggregate.assert_not_called()
+
+
+@pytest.mark.parametrize(("hour", "run_type"), [(0, "backfill"), (5, "scheduled"), (5, "manual")])
+def test_midnight_backfill_runs_and_all_other_runs_aggregate(mocker, hour, run_type):
+    result = AggregationResult(usage_date="2025-11-03", merchant_id=None, table="merchant_usage")
+    operator, aggregate, ti = _run_with_result(mocker, result)
+    operator.usage_date = None
+    operator.execute(_backfill_context(ti, hour, run_type))
+    assert aggregate.call_args.args[2] == dt.date(2025, 11, 3)
+
+
+def test_a_backfill_can_be_asked_to_aggregate_every_run(mocker):
+    result = AggregationResult(usage_date="2025-11-03", merchant_id=None, table="merchant_usage")
+    operator, aggregate, ti = _run_with_result(mocker, result)
+    operator.once_per_day_in_backfill = False
+    operator.execute(_backfill_context(ti, 7))
+    aggregate.assert_called_once()
