@@ -1,0 +1,256 @@
+"""A real Airflow deployment for the tests: its own metadata DB, scheduler and API server.
+
+Airflow runs as its users run it: a PostgreSQL metadata database (created here,
+dropped afterwards), the LocalExecutor, and the long-running processes of the
+installed Airflow major (3: ``api-server``, ``scheduler``, ``dag-processor``;
+2: ``scheduler``, ``webserver``). Every process starts in its own process group
+and the whole group is stopped, so nothing is left running after the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from airflow import __version__ as AIRFLOW_VERSION
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[2]
+AIRFLOW_V3 = Version(AIRFLOW_VERSION).major >= 3
+ADMIN_USER = "admin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AirflowStack:
+    """One Airflow installation under ``home``; ``env`` is what every process of it sees."""
+
+    def __init__(self, home: Path, metadata_dsn: str, extra_env: dict[str, str]):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.password = secrets.token_urlsafe(12)
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.env = {
+            **os.environ,
+            **extra_env,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_dsn,
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(home / "logs"),
+        }
+        if AIRFLOW_V3:
+            passwords = home / "simple_auth_manager_passwords.json"
+            passwords.write_text(json.dumps({ADMIN_USER: self.password}))
+            self.env.update(
+                {
+                    "AIRFLOW__CORE__AUTH_MANAGER": (
+                        "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+                    ),
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
+                    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+                    "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+                    "AIRFLOW__API__BASE_URL": self.url,
+                    "AIRFLOW__API__PORT": str(self.port),
+                    "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+                    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                }
+            )
+        else:
+            self.env.update(
+                {
+                    "AIRFLOW__API__AUTH_BACKENDS": "airflow.api.auth.backend.basic_auth",
+                    "AIRFLOW__WEBSERVER__WORKERS": "1",
+                    "AIRFLOW__WEBSERVER__SECRET_KEY": secrets.token_urlsafe(32),
+                    "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(self.port),
+                }
+            )
+
+    # -- the CLI -----------------------------------------------------------------------
+
+    def airflow(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``airflow ARGS`` as a user would, in this installation; its whole group dies with it."""
+        process = subprocess.Popen(
+            ["airflow", *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        finally:
+            _signal_group(process, signal.SIGKILL)  # executors a CLI command forked, on any exit
+            process.wait()
+        done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"airflow {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            )
+        return done
+
+    def migrate(self) -> None:
+        self.airflow("db", "migrate", timeout=600)
+        if not AIRFLOW_V3:
+            self.airflow(
+                "users", "create", "--username", ADMIN_USER, "--password", self.password, "--role", "Admin",
+                "--email", "admin@example.com", "--firstname", "Ada", "--lastname", "Admin",
+            )  # fmt: skip
+
+    # -- the long-running processes ----------------------------------------------------
+
+    def start(self) -> None:
+        services = (
+            {"api-server": ["api-server", "--port", str(self.port)], "scheduler": ["scheduler"], "dag-processor": ["dag-processor"]}
+            if AIRFLOW_V3
+            else {"webserver": ["webserver", "--port", str(self.port)], "scheduler": ["scheduler"]}
+        )
+        for name, args in services.items():
+            log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+            self.processes[name] = subprocess.Popen(
+                ["airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.wait_until_healthy()
+
+    def wait_until_healthy(self, timeout: float = 180) -> None:
+        health = f"{self.url}/api/v2/monitor/health" if AIRFLOW_V3 else f"{self.url}/health"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    raise AssertionError(f"airflow {name} exited with {process.returncode}:\n{self.log_tail(name)}")
+            try:
+                with urllib.request.urlopen(health, timeout=5) as response:
+                    body = json.load(response)
+                if body.get("scheduler", {}).get("status") == "healthy":
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+                pass
+            time.sleep(1)
+        raise AssertionError(f"Airflow not healthy after {timeout} s:\n" + "\n".join(map(self.log_tail, self.processes)))
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
+        """Until the DAG processor has parsed ``dag_id`` into the metadata DB."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            listed = self.airflow("dags", "list", "-o", "json", check=False)
+            if listed.returncode == 0 and f'"dag_id": "{dag_id}"' in listed.stdout:
+                return
+            time.sleep(2)
+        raise AssertionError(f"{dag_id} never parsed:\n" + "\n".join(map(self.log_tail, self.processes)))
+
+    def log_tail(self, name: str, chars: int = 3000) -> str:
+        path = self.home / f"{name}.log"
+        return f"--- {name} ---\n" + (path.read_text(errors="replace")[-chars:] if path.exists() else "(no log)")
+
+    def stop(self) -> None:
+        """Stop every process group of this installation: SIGTERM, then SIGKILL after a grace period.
+
+        Some children leave their parent's group (Airflow 2's DAG processor manager
+        starts its own), so the groups are found by this installation's AIRFLOW_HOME.
+        """
+        groups = {process.pid for process in self.processes.values()} | self._groups()
+        for group in groups:
+            _signal_group(group, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for group in groups | self._groups():
+            _signal_group(group, signal.SIGKILL)
+        for process in self.processes.values():
+            process.wait()
+        self.processes.clear()
+        deadline = time.monotonic() + 10
+        while self.running_pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def _groups(self) -> set[int]:
+        groups = set()
+        for pid in self.running_pids():
+            try:
+                groups.add(os.getpgid(pid))
+            except ProcessLookupError:
+                pass
+        return groups - {os.getpgid(0)}
+
+    def running_pids(self) -> list[int]:
+        """Processes of this installation still alive (by AIRFLOW_HOME in their environment)."""
+        alive = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                environ = (proc / "environ").read_bytes()
+            except OSError:
+                continue
+            if f"AIRFLOW_HOME={self.home}\0".encode() in environ and not _is_zombie(proc):
+                alive.append(int(proc.name))
+        return alive
+
+    # -- the REST API ------------------------------------------------------------------
+
+    def api_headers(self) -> dict[str, str]:
+        """v2 with a bearer token (Airflow 3), v1 with basic auth (Airflow 2)."""
+        if AIRFLOW_V3:
+            status, body = http("POST", f"{self.url}/auth/token", {"username": ADMIN_USER, "password": self.password})
+            assert status in (200, 201), body
+            return {"Authorization": f"Bearer {body['access_token']}"}
+        import base64
+
+        token = base64.b64encode(f"{ADMIN_USER}:{self.password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    def trigger_url(self, dag_id: str) -> str:
+        return f"{self.url}/api/{'v2' if AIRFLOW_V3 else 'v1'}/dags/{dag_id}/dagRuns"
+
+
+def _signal_group(group: subprocess.Popen | int, sig: int) -> None:
+    try:
+        os.killpg(group if isinstance(group, int) else group.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _is_zombie(proc: Path) -> bool:
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def http(method: str, url: str, payload: dict | None = None, headers: dict | None = None) -> tuple[int, dict]:
+    """One JSON request; returns the status and the decoded body, errors included."""
+    request = urllib.request.Request(
+        url,
+        data=None if payload is None else json.dumps(payload).encode(),
+        method=method,
+        headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return err.code, json.loads(raw)
+        except ValueError:
+            return err.code, {"raw": raw.decode(errors="replace")}

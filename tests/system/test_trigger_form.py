@@ -1,0 +1,99 @@
+"""Support staff's path: the Airflow 3 UI's trigger form, in a real headless Chromium.
+
+Debian's ``chromium`` (``/usr/bin/chromium``, or ``USAGE_AGG_CHROMIUM``) driven by
+Playwright's Python package; no browser is downloaded. The filled form is kept as
+a screenshot in ``build/artifacts/`` (or ``USAGE_AGG_ARTIFACTS``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.system.stack import AIRFLOW_V3, REPO, http
+from tests.system.merchant_runs import DAG_ID, MERCHANT, rows, task_states, wait_for_run
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(not AIRFLOW_V3, reason="the trigger form under test is Airflow 3's UI"),
+]
+
+CHROMIUM = os.environ.get("USAGE_AGG_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(os.environ.get("USAGE_AGG_ARTIFACTS", REPO / "build" / "artifacts"))
+#: what the form must show for each Param: its title, its description, its input type
+FIELDS = {
+    "merchant_id": ("Merchant ID", "The merchant to re-aggregate, exactly as in its Redis keys.", None),
+    "date": ("Date", "The day to re-aggregate (UTC), or the first day of the range.", "date"),
+    "end_date": ("End date (optional)", "Last day of the range, inclusive; at most 31 days after Date.", "date"),
+}
+
+
+@pytest.fixture
+def browser_page(stack):
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: apt-get install chromium"
+    status, token = http("POST", f"{stack.url}/auth/token", {"username": "admin", "password": stack.password})
+    assert status == 201, token
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--disable-quic",
+            ],
+        )  # fmt: skip
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        # The token the API server's login would set: the same cookie the UI sends.
+        context.add_cookies([{"name": "_token", "value": token["access_token"], "url": stack.url}])
+        try:
+            yield context.new_page()
+        finally:
+            browser.close()
+
+
+def test_the_trigger_form_shows_the_params_and_starts_a_run_that_succeeds(
+    stack, merchants, browser_page, query, metadata
+):
+    page = browser_page
+    page.goto(f"{stack.url}/dags/{DAG_ID}")
+    page.get_by_role("button", name="Trigger").first.click()
+    form = page.locator("[role=dialog][data-state=open]").filter(has_text=f"Trigger Dag - {DAG_ID}")
+    form.wait_for()
+
+    for name, (title, description, input_type) in FIELDS.items():
+        field = form.locator("[role=group][data-scope=field]", has=page.locator(f"#element_{name}"))
+        text = field.inner_text()
+        assert title in text and description in text, text
+        assert form.locator(f"#element_{name}").get_attribute("type") == input_type
+    decrease = form.locator("[role=group][data-scope=field]", has_text="Allow decrease")
+    assert "Let a lower Redis value lower a stored total." in decrease.inner_text()
+    assert decrease.get_by_role("checkbox").count() == 1
+
+    form.locator("#element_merchant_id").fill(MERCHANT)
+    form.locator("#element_date").fill("2025-11-01")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "trigger-form-filled.png"))
+    form.get_by_role("button", name="Trigger").click()
+
+    page.wait_for_url(f"**/dags/{DAG_ID}/runs/**")
+    run_id = page.url.rsplit("/runs/", 1)[1]
+    from urllib.parse import unquote
+
+    run_id = unquote(run_id)
+    assert wait_for_run(metadata, run_id) == "success", task_states(metadata, run_id)
+    assert rows(query, merchants) == {MERCHANT: 500, "globex": 1}
+
+    # The UI shows it too: the run's task instances, each succeeded.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        page.reload()
+        states = page.locator("table").inner_text() if page.locator("table").count() else ""
+        if "validate_request" in states and "success" in states:
+            break
+        time.sleep(2)
+    assert "validate_request" in states and "success" in states, states
+    page.screenshot(path=str(ARTIFACTS / "trigger-form-run-succeeded.png"))
