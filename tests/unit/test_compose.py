@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -44,3 +46,33 @@ def test_airflow_services_wait_for_healthy_dependencies():
             if rule["condition"] == "service_healthy":
                 assert "healthcheck" in SERVICES[dependency], dependency
     assert {"airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"} <= set(SERVICES)
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess:
+    """check-jsonschema with the Compose specification's JSON schema that it vendors."""
+    tool = Path(sys.executable).parent / "check-jsonschema"
+    return subprocess.run(
+        [str(tool), "--builtin-schema", "vendor.compose-spec", str(path)], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_file_is_valid_against_the_compose_specification_schema():
+    done = _validate(ROOT / "docker-compose.yaml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_schema_check_catches_a_broken_file(tmp_path):
+    broken = (ROOT / "docker-compose.yaml").read_text().replace("condition: service_healthy", "condition: when_ready", 1)
+    (tmp_path / "docker-compose.yaml").write_text(broken)
+    done = _validate(tmp_path / "docker-compose.yaml")
+    assert done.returncode == 1
+    assert "when_ready" in done.stdout + done.stderr
+
+
+def test_usage_agg_settings_in_the_file_are_ones_the_code_reads():
+    sources = "".join(path.read_text() for path in (ROOT / "plugins" / "usage_agg").glob("*.py"))
+    env = COMPOSE["x-airflow-common"]["environment"]
+    names = [name for name in env if name.startswith("USAGE_AGG")]
+    assert names
+    for name in names:
+        assert f'"{name}"' in sources, f"{name} is set in docker-compose.yaml but nothing reads it"
