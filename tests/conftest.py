@@ -96,3 +96,28 @@ def usage_env(monkeypatch, airflow_connections, pg_schema):
     table = f"{pg_schema}.merchant_usage"
     monkeypatch.setenv("USAGE_AGG_TABLE", table)
     return table
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real three-primary Redis Cluster on spare loopback ports, stopped after the session."""
+    from tests.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster_client(redis_cluster):
+    """A redis-py ``RedisCluster`` client on emptied primaries."""
+    from redis.cluster import RedisCluster
+
+    client = redis_cluster.client()
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    yield client
+    client.flushall(target_nodes=RedisCluster.PRIMARIES)
+    client.close()

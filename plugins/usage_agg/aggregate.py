@@ -40,6 +40,8 @@ class AggregationResult:
     allow_decrease: bool = False
     #: how the keys were found: "index" (the day's index set) or "scan"
     discovery: str = "scan"
+    #: the Redis primary read, when the day is fanned out over a cluster's primaries
+    redis_partition: str | None = None
     duration_seconds: float = 0.0
     bad_key_samples: list[dict] = field(default_factory=list)
     refused_decrease_samples: list[dict] = field(default_factory=list)
@@ -67,6 +69,8 @@ def aggregate_day(
     audit: dict | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
     create_schema: bool = True,
+    partition: str | None = None,
+    partition_count: int | None = None,
 ) -> AggregationResult:
     """Copy one date's counters (optionally one merchant's) into the usage table.
 
@@ -77,21 +81,36 @@ def aggregate_day(
     :param discovery: ``auto`` (the day's index when it exists, else ``SCAN``), ``index`` or ``scan``.
     :param audit: ``dag_id``/``run_id``/``task_id`` for the audit row.
     :param create_schema: create the tables when missing (idempotent).
+    :param partition: aggregate only the keys of this Redis Cluster primary (one part
+        of a fanned-out day, see :mod:`usage_agg.partitions`); its transaction commits
+        that part alone. Parts of one day run side by side, never beside a whole-day run.
+    :param partition_count: how many parts the day was split into, for the audit: the
+        day counts as aggregated once every part of one run succeeded.
     """
     day = parse_date(usage_date)
     if merchant_id is not None and (not isinstance(merchant_id, str) or not merchant_id):
         raise ValueError(f"merchant_id: must be a non-empty string or None, got {merchant_id!r}")
+    if (partition is None) != (partition_count is None) or (partition_count is not None and partition_count < 1):
+        raise ValueError(
+            f"redis_partition and partition_count: give both (a positive count) or neither, "
+            f"got {partition!r} and {partition_count!r}"
+        )
     names = ensure_schema(pg_conn, table) if create_schema else SchemaNames.for_table(table)
     result = AggregationResult(
         usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage), allow_decrease=allow_decrease,
-        discovery=discovery_method(redis_client, day, discovery),
+        discovery=discovery_method(redis_client, day, discovery), redis_partition=partition,
     )  # fmt: skip
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
+    if partition is not None:
+        scope += f" on Redis primary {partition} (part of {partition_count})"
     logger.info("Starting aggregation for date: %s%s", result.usage_date, scope)
 
-    audit_base = {**(audit or {}), "usage_table": result.table, "usage_date": day, "started_at": started_at}
+    audit_base = {
+        **(audit or {}), "usage_table": result.table, "usage_date": day, "started_at": started_at,
+        "redis_partition": partition, "partition_count": partition_count,
+    }  # fmt: skip
     try:
         _aggregate_in_one_transaction(
             redis_client, pg_conn, names, day, result, audit_base, logger, scope,
@@ -127,10 +146,14 @@ def aggregate_day(
 def _aggregate_in_one_transaction(
     redis_client, pg_conn, names, day, result, audit_base, logger, scope, *, lock_timeout, batch_size, scan_count
 ) -> None:
-    with DayWriter(pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout) as writer:
+    with DayWriter(
+        pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout,
+        partition=result.redis_partition,
+    ) as writer:  # fmt: skip
         batches = read_day(
-            redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count, method=result.discovery
-        )
+            redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count,
+            method=result.discovery, partition=result.redis_partition,
+        )  # fmt: skip
         for batch in batches:
             writer.stage(batch.counters)
             result.new_bad_keys += writer.record_bad_keys(batch.bad_keys)

@@ -111,9 +111,12 @@ def check_expiry(redis_client, pg_conn, *, table: str = "merchant_usage", today:
     if days and str(names.runs) not in missing_objects(pg_conn, names):
         with pg_conn.cursor() as cur:
             cur.execute(
+                # A whole-day run, or every part of one fanned-out run.
                 f"""SELECT DISTINCT usage_date FROM {names.runs.quoted}
                     WHERE usage_table = %s AND merchant_id IS NULL AND outcome <> 'failed'
-                      AND usage_date = ANY(%s::date[])""",
+                      AND usage_date = ANY(%s::date[])
+                    GROUP BY usage_date, run_id, partition_count
+                    HAVING partition_count IS NULL OR count(DISTINCT redis_partition) >= partition_count""",
                 (str(names.usage), list(days)),
             )
             for (day,) in cur.fetchall():

@@ -22,7 +22,7 @@ from usage_agg.identifiers import TableName, quote_identifier
 from usage_agg.source import BadKey, Counter
 
 #: Bumped with every change to sql/schema.sql; stored as the usage table's comment.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 ERRORS_TABLE = "usage_aggregation_errors"
 RUNS_TABLE = "usage_aggregation_runs"
 DEFAULT_LOCK_TIMEOUT = dt.timedelta(minutes=10)
@@ -152,12 +152,14 @@ class DayWriter:
         *,
         allow_decrease: bool = False,
         lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
+        partition: str | None = None,
     ) -> None:
         self.conn = conn
         self.names = names
         self.usage_date = usage_date
         self.allow_decrease = allow_decrease
         self.lock_timeout = lock_timeout
+        self.partition = partition
         self._cur = None
 
     def __enter__(self) -> DayWriter:
@@ -166,10 +168,16 @@ class DayWriter:
         # A bounded wait: a writer that cannot get the date within lock_timeout fails
         # with LockNotAvailable, which is transient and retried by Airflow.
         cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(self.lock_timeout.total_seconds() * 1000)}ms",))
-        cur.execute(
-            "SELECT pg_advisory_xact_lock(hashtext(%s), %s)",
-            (f"usage_agg {self.names.usage}", self.usage_date.toordinal()),
-        )
+        day_lock = (f"usage_agg {self.names.usage}", self.usage_date.toordinal())
+        if self.partition is None:
+            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", day_lock)
+        else:
+            # The parts of a fanned-out day write disjoint keys: they share the day's
+            # lock (so no whole-day writer runs beside them) and take turns per part.
+            cur.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s), %s)", day_lock)
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"{day_lock[0]} {self.partition}", day_lock[1])
+            )
         cur.execute("SELECT set_config('lock_timeout', '0', true)")
         # The merge hashes a whole day: give it memory rather than let it spill to disk.
         cur.execute("SELECT set_config('work_mem', %s, true)", (MERGE_WORK_MEM,))
@@ -332,7 +340,7 @@ def insert_run(cur, names: SchemaNames, audit: dict) -> None:
     columns = (
         "dag_id", "run_id", "task_id", "usage_table", "usage_date", "merchant_id", "keys_found",
         "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys",
-        "started_at", "outcome", "error",
+        "started_at", "outcome", "error", "redis_partition", "partition_count",
     )  # fmt: skip
     placeholders = ", ".join(f"%({c})s" for c in columns)
     cur.execute(

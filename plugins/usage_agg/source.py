@@ -23,6 +23,7 @@ from usage_agg.keys import (
     parse_key_of_day,
     parse_quantity,
 )
+from usage_agg.partitions import partition_node
 
 DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
@@ -80,21 +81,30 @@ def read_day(
     batch_size: int = DEFAULT_BATCH_SIZE,
     scan_count: int = DEFAULT_SCAN_COUNT,
     method: str = "scan",
+    partition: str | None = None,
 ) -> Iterator[Batch]:
     """Yield the day's counters (and bad keys) batch by batch.
 
     :param method: ``"scan"`` (``SCAN`` over the keyspace) or ``"index"`` (``SSCAN``
         over the day's index set); see :func:`discovery_method`.
+    :param partition: on Redis Cluster, read only the keys served by this primary
+        (``host:port``, see :func:`usage_agg.partitions.redis_partitions`); a single
+        node is one partition, itself.
     """
     if batch_size < 1 or scan_count < 1:
         raise ValueError("batch_size and scan_count must be positive")
+    if method not in ("index", "scan"):
+        raise ValueError(f"method: must be 'index' or 'scan', got {method!r}")
     pattern = day_pattern(usage_date, merchant_id)
+    node = partition_node(client, partition)
     if method == "index":
         keys = client.sscan_iter(index_key(usage_date), match=pattern, count=scan_count)
-    elif method == "scan":
-        keys = client.scan_iter(match=pattern, count=scan_count)
+        if node is not None:  # the index lives in one slot: keep this primary's keys
+            keys = (key for key in keys if client.get_node_from_key(key).name == node.name)
+    elif node is not None:
+        keys = client.scan_iter(match=pattern, count=scan_count, target_nodes=node)
     else:
-        raise ValueError(f"method: must be 'index' or 'scan', got {method!r}")
+        keys = client.scan_iter(match=pattern, count=scan_count)
     pending: list[bytes] = []
     for raw_key in keys:
         pending.append(_as_bytes(raw_key))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 
 from usage_agg.keys import build_key, index_key
+from usage_agg.partitions import is_cluster
 
 #: Redis keeps a day's counters this long after their last write.
 USAGE_KEY_TTL = dt.timedelta(days=7)
@@ -43,7 +44,7 @@ def track_usage(
     day = usage_date or dt.datetime.now(dt.timezone.utc).date()
     key = build_key(merchant_id, day, metric_type)
     seconds = int(ttl.total_seconds())
-    pipe = client.pipeline(transaction=not _is_cluster(client))
+    pipe = client.pipeline(transaction=not is_cluster(client))
     pipe.incrby(key, amount)
     pipe.expire(key, seconds)
     if index:
@@ -51,7 +52,3 @@ def track_usage(
         pipe.sadd(day_index, key)
         pipe.expire(day_index, seconds)  # lives as long as the day's last-written key
     return int(pipe.execute()[0])
-
-
-def _is_cluster(client) -> bool:
-    return type(client).__name__ == "RedisCluster"

@@ -308,5 +308,5 @@ def test_an_older_schema_is_upgraded_by_the_next_run(redis_client, pg_conn, tabl
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = %s AND column_name = 'error'",
         (pg_schema, "usage_aggregation_runs"),
     ) == [(1,)]
-    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 2",)]
+    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 3",)]
     assert rows(query, table) == {("acme", "queries"): 1}

@@ -51,6 +51,9 @@ CREATE TABLE IF NOT EXISTS {runs_table} (
 CREATE INDEX IF NOT EXISTS {runs_date_index} ON {runs_table} (usage_date, finished_at);
 -- version 2: the error of a failed run
 ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS error text;
+-- version 3: runs fanned out over Redis primaries write one row per part
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS redis_partition text;
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS partition_count integer;
 
 -- Other windows over the daily rows, so analytics needs no second job.
 -- ISO weeks start on Monday; iso_week reads like 2025-W01 (a week can straddle a year).

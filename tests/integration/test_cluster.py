@@ -1,0 +1,154 @@
+"""Redis Cluster: a real three-primary cluster gives the same rows as a single node.
+
+Keys of one day hash to slots on every primary; the aggregation must scan each
+primary, read values per slot (no CROSSSLOT error) and find the day's index, which
+lives in yet another slot.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from redis.cluster import RedisCluster
+
+from usage_agg.aggregate import aggregate_day
+from usage_agg.expiry import check_expiry
+from usage_agg.keys import build_key
+from usage_agg.partitions import redis_partitions
+from usage_agg.reconcile import reconcile_date
+from usage_agg.tracking import track_usage
+
+DAY = dt.date(2025, 11, 1)
+MERCHANTS = [f"merchant_{n:03d}" for n in range(150)] + ["a*", "x:y", "[ab]", "{tag}"]
+
+
+def seed(client) -> None:
+    """The same usage in any client: three days held, odd keys from another writer, bad keys."""
+    for day in (DAY - dt.timedelta(days=1), DAY, DAY + dt.timedelta(days=1)):
+        for n, merchant in enumerate(MERCHANTS):
+            track_usage(client, merchant, "api_calls", n + day.day, usage_date=day)
+            if n % 3 == 0:
+                track_usage(client, merchant, "storage_mb", 7 * n, usage_date=day)
+    client.incrby(build_key("other_writer", DAY, "api_calls"), 11)  # not in the day's index
+    client.set(build_key("broken", DAY, "api_calls"), b"12abc")
+    client.hset(build_key("hashed", DAY, "api_calls"), "n", 1)
+
+
+def rows(query, table) -> dict:
+    return {(m, t): q for m, t, q in query(f"SELECT merchant_id, metric_type, quantity FROM {table}")}
+
+
+def test_the_days_keys_spread_over_every_primary(cluster_client):
+    seed(cluster_client)
+    sizes = cluster_client.dbsize(target_nodes=RedisCluster.PRIMARIES)
+    per_node = sizes.values() if isinstance(sizes, dict) else [sizes]
+    assert len(cluster_client.get_primaries()) == 3
+    assert all(size > 0 for size in per_node), sizes
+
+
+@pytest.mark.parametrize("discovery", ["scan", "index"])
+def test_a_cluster_writes_the_same_rows_as_a_single_node(
+    cluster_client, redis_client, pg_conn, pg_schema, query, discovery
+):
+    seed(cluster_client)
+    seed(redis_client)
+    on_cluster = aggregate_day(cluster_client, pg_conn, DAY, table=f"{pg_schema}.on_cluster", discovery=discovery)
+    on_node = aggregate_day(redis_client, pg_conn, DAY, table=f"{pg_schema}.on_node", discovery=discovery)
+
+    assert rows(query, f"{pg_schema}.on_cluster") == rows(query, f"{pg_schema}.on_node")
+    expected_keys = len(MERCHANTS) + len(MERCHANTS[::3])
+    if discovery == "scan":  # SCAN also meets the other writer's key and the two bad ones
+        expected_keys += 3
+    assert on_cluster.keys_found == on_node.keys_found == expected_keys
+    assert on_cluster.bad_keys == on_node.bad_keys == (2 if discovery == "scan" else 0)
+    assert on_cluster.rows_written == expected_keys - on_cluster.bad_keys
+
+
+@pytest.mark.parametrize("merchant", ["merchant_007", "a*", "{tag}"])
+def test_one_merchant_on_a_cluster(cluster_client, pg_conn, table, query, merchant):
+    seed(cluster_client)
+    aggregate_day(cluster_client, pg_conn, DAY, table=table, merchant_id=merchant)
+    n = MERCHANTS.index(merchant)
+    expected = {(merchant, "api_calls"): n + DAY.day}
+    if n % 3 == 0:
+        expected[(merchant, "storage_mb")] = 7 * n
+    assert rows(query, table) == expected
+
+
+def test_status_and_the_expiry_check_see_the_whole_cluster(cluster_client, pg_conn, table):
+    seed(cluster_client)
+    aggregate_day(cluster_client, pg_conn, DAY, table=table, discovery="scan")
+    status = reconcile_date(cluster_client, pg_conn, DAY, table=table)
+    assert status.redis_keys == len(MERCHANTS) + len(MERCHANTS[::3]) + 3
+    assert (status.redis_bad_keys, status.differing_rows, status.keys_not_in_table) == (2, 0, 0)
+    expiry = check_expiry(cluster_client, pg_conn, table=table, today=DAY)
+    assert expiry.unindexed_keys == 3  # the other writer's key and the two bad ones
+
+
+# -- fan-out: one part per primary ---------------------------------------------------
+
+
+@pytest.mark.parametrize("discovery", ["scan", "index"])
+def test_the_parts_over_the_primaries_add_up_to_the_whole_day(cluster_client, pg_conn, pg_schema, query, discovery):
+    seed(cluster_client)
+    parts = redis_partitions(cluster_client)
+    assert len(parts) == 3
+    results = [
+        aggregate_day(
+            cluster_client, pg_conn, DAY, table=f"{pg_schema}.by_part", discovery=discovery,
+            partition=part, partition_count=len(parts),
+        )
+        for part in parts
+    ]  # fmt: skip
+    whole = aggregate_day(cluster_client, pg_conn, DAY, table=f"{pg_schema}.whole", discovery=discovery)
+    assert rows(query, f"{pg_schema}.by_part") == rows(query, f"{pg_schema}.whole")
+    assert sum(r.keys_found for r in results) == whole.keys_found
+    assert all(r.keys_found > 0 for r in results), [r.keys_found for r in results]
+    assert sorted(r.redis_partition for r in results) == parts
+
+
+def test_a_single_node_is_one_part(redis_client):
+    kwargs = redis_client.connection_pool.connection_kwargs
+    assert redis_partitions(redis_client) == [f"{kwargs['host']}:{kwargs['port']}"]
+
+
+def test_an_unknown_part_is_refused(cluster_client, pg_conn, table):
+    with pytest.raises(ValueError, match=r"^redis_partition: '127\.0\.0\.1:1' is not a primary"):
+        aggregate_day(cluster_client, pg_conn, DAY, table=table, partition="127.0.0.1:1", partition_count=3)
+    with pytest.raises(ValueError, match="give both"):
+        aggregate_day(cluster_client, pg_conn, DAY, table=table, partition="127.0.0.1:1")
+
+
+def test_parts_write_side_by_side_but_never_beside_a_whole_day_writer(pg_schema):
+    from tests.conftest import pg_connect
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    conns = [pg_connect() for _ in range(3)]
+    names = ensure_schema(conns[0], f"{pg_schema}.merchant_usage")
+    conns[0].commit()
+    quick = dt.timedelta(milliseconds=300)
+    with DayWriter(conns[0], names, DAY, partition="a:1", lock_timeout=quick):
+        with DayWriter(conns[1], names, DAY, partition="b:2", lock_timeout=quick):
+            pass  # another part of the same day: no wait
+        with pytest.raises(Exception, match="lock timeout"):
+            with DayWriter(conns[2], names, DAY, lock_timeout=quick):
+                pass
+        with pytest.raises(Exception, match="lock timeout"):
+            with DayWriter(conns[1], names, DAY, partition="a:1", lock_timeout=quick):
+                pass
+    for conn in conns:
+        conn.close()
+
+
+def test_a_fanned_out_day_counts_as_aggregated_once_every_part_succeeded(cluster_client, pg_conn, table):
+    seed(cluster_client)
+    parts = redis_partitions(cluster_client)
+    audit = {"dag_id": "usage_aggregation", "run_id": "scheduled__1", "task_id": "aggregate_current_day"}
+    for part in parts[:-1]:
+        aggregate_day(cluster_client, pg_conn, DAY, table=table, partition=part, partition_count=3, audit=audit)
+    aggregated = {d.usage_date: d.aggregated for d in check_expiry(cluster_client, pg_conn, table=table, today=DAY).days}
+    assert aggregated[DAY.isoformat()] is False
+    aggregate_day(cluster_client, pg_conn, DAY, table=table, partition=parts[-1], partition_count=3, audit=audit)
+    aggregated = {d.usage_date: d.aggregated for d in check_expiry(cluster_client, pg_conn, table=table, today=DAY).days}
+    assert aggregated[DAY.isoformat()] is True

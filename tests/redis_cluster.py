@@ -1,0 +1,115 @@
+"""A real Redis Cluster of three primaries on loopback, started from the ``redis-server`` binary.
+
+Each node runs in its own process group in a temporary folder and keeps nothing on
+disk but its cluster config; :meth:`LocalRedisCluster.stop` kills the groups.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free now, below 55536: a cluster node also listens on its port + 10000."""
+    ports: list[int] = []
+    candidate = random.randrange(20000, 50000)
+    while len(ports) < count:
+        candidate += 1
+        with socket.socket() as sock, socket.socket() as bus:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+                bus.bind(("127.0.0.1", candidate + 10000))
+            except OSError:
+                continue
+        ports.append(candidate)
+    return ports
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("redis-server not found: the Redis Cluster tests start nodes from that binary")
+    return found
+
+
+class LocalRedisCluster:
+    def __init__(self, workdir: Path, primaries: int = 3):
+        self.workdir = workdir
+        self.ports = _free_ports(primaries)
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 60) -> None:
+        import redis
+
+        binary = redis_server_binary()
+        for port in self.ports:
+            node_dir = self.workdir / str(port)
+            node_dir.mkdir(parents=True, exist_ok=True)
+            self.processes.append(
+                subprocess.Popen(
+                    [
+                        binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                        "--cluster-config-file", str(node_dir / "nodes.conf"), "--dir", str(node_dir),
+                        "--save", "", "--appendonly", "no", "--cluster-node-timeout", "5000",
+                    ],
+                    stdout=open(node_dir / "redis.log", "ab"),  # noqa: SIM115 - lives with the process
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        for port in self.ports:
+            while not self._answers(port):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {port} did not start")
+                time.sleep(0.1)
+        # Assign the 16384 slots evenly over the primaries, then introduce them to each other.
+        per_node = 16384 // len(self.ports)
+        for index, port in enumerate(self.ports):
+            first = index * per_node
+            last = 16383 if index == len(self.ports) - 1 else first + per_node - 1
+            node = redis.Redis(port=port)
+            node.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
+            for other in self.ports:
+                node.execute_command("CLUSTER MEET", "127.0.0.1", other)
+            node.close()
+        while not all(self._cluster_ok(port) for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster never reached cluster_state:ok")
+            time.sleep(0.2)
+
+    @staticmethod
+    def _answers(port: int) -> bool:
+        import redis
+
+        try:
+            return bool(redis.Redis(port=port, socket_timeout=1).ping())
+        except redis.ConnectionError:
+            return False
+
+    def _cluster_ok(self, port: int) -> bool:
+        import redis
+
+        info = redis.Redis(port=port).cluster("info")
+        return info.get("cluster_state") == "ok" and int(info.get("cluster_known_nodes", 0)) == len(self.ports)
+
+    def client(self):
+        from redis.cluster import RedisCluster
+
+        return RedisCluster(host="127.0.0.1", port=self.ports[0])
+
+    def stop(self) -> None:
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
+        self.processes.clear()
