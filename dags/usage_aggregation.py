@@ -17,6 +17,10 @@ A backfill creates 24 runs a day; only each day's midnight run reads Redis, the
 others skip at once (so every day is read at most twice), and the expiry check
 is left to the scheduled runs.
 
+Fan-out (`USAGE_AGGREGATION_FAN_OUT=redis_primaries`, off by default): on Redis
+Cluster, `plan_redis_partitions` lists the primaries and each aggregation task is
+mapped once per primary, each part committed on its own.
+
 Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`; keep a tick at 00:00 UTC,
 which backfills rely on); concurrent runs: `USAGE_AGGREGATION_MAX_ACTIVE_RUNS` (default 8). Connections:
 `USAGE_AGG_REDIS_CONN_ID` / `USAGE_AGG_POSTGRES_CONN_ID` (default `usage_redis` /
@@ -30,7 +34,7 @@ from airflow.providers.common.compat.sdk import DAG
 
 from usage_agg import dag_config
 from usage_agg.alerts import UsageAlertNotifier
-from usage_agg.operators import RedisUsageToPostgresOperator, UsageExpiryCheckOperator
+from usage_agg.operators import RedisPartitionsOperator, RedisUsageToPostgresOperator, UsageExpiryCheckOperator
 
 with DAG(
     dag_id="usage_aggregation",
@@ -51,8 +55,15 @@ with DAG(
     }
     # Independent on purpose: bad keys on one day must not keep the other from running,
     # and every task is a leaf, so any failure makes the run fail (and alert).
-    RedisUsageToPostgresOperator(task_id="aggregate_previous_day", day_offset=-1, **common)
-    RedisUsageToPostgresOperator(task_id="aggregate_current_day", day_offset=0, **common)
+    if dag_config.aggregation_fan_out() == "off":
+        RedisUsageToPostgresOperator(task_id="aggregate_previous_day", day_offset=-1, **common)
+        RedisUsageToPostgresOperator(task_id="aggregate_current_day", day_offset=0, **common)
+    else:  # one mapped task per Redis Cluster primary, for executors that spread them over workers
+        parts = RedisPartitionsOperator(task_id="plan_redis_partitions", redis_conn_id=common["redis_conn_id"])
+        for task_id, day_offset in (("aggregate_previous_day", -1), ("aggregate_current_day", 0)):
+            RedisUsageToPostgresOperator.partial(task_id=task_id, day_offset=day_offset, **common).expand_kwargs(
+                parts.output
+            )
     UsageExpiryCheckOperator(
         task_id="check_expiring_usage",
         table=common["table"],

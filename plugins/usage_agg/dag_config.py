@@ -41,6 +41,17 @@ def aggregation_max_active_runs() -> int:
     return int(raw)
 
 
+FAN_OUT_MODES = ("off", "redis_primaries")
+
+
+def aggregation_fan_out() -> str:
+    """``off`` (one task per day) or ``redis_primaries`` (one mapped task per cluster primary)."""
+    mode = os.environ.get("USAGE_AGGREGATION_FAN_OUT") or "off"
+    if mode not in FAN_OUT_MODES:
+        raise ValueError(f"USAGE_AGGREGATION_FAN_OUT: must be one of {', '.join(FAN_OUT_MODES)}, got {mode!r}")
+    return mode
+
+
 def default_args() -> dict:
     """Retries with exponential backoff: connection failures are transient.
 

@@ -52,6 +52,9 @@ class RedisUsageToPostgresOperator(BaseOperator):
     :param once_per_day_in_backfill: in a backfill, only the run at midnight UTC reads
         Redis; the day's other runs would repeat its work and are skipped. Scheduled
         and manual runs always aggregate.
+    :param redis_partition: aggregate only this Redis Cluster primary's keys (``host:port``),
+        one part of a fanned-out day; mapped from :class:`RedisPartitionsOperator`
+    :param partition_count: how many parts the day was split into (with ``redis_partition``)
     """
 
     template_fields: Sequence[str] = (
@@ -79,11 +82,15 @@ class RedisUsageToPostgresOperator(BaseOperator):
         lock_timeout_seconds: float = DEFAULT_LOCK_TIMEOUT.total_seconds(),
         discovery: str = "auto",
         once_per_day_in_backfill: bool = True,
+        redis_partition: str | None = None,
+        partition_count: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.discovery = discovery
         self.once_per_day_in_backfill = once_per_day_in_backfill
+        self.redis_partition = redis_partition
+        self.partition_count = partition_count
         self.usage_date = usage_date
         self.day_offset = day_offset
         self.merchant_id = merchant_id
@@ -129,6 +136,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
                 discovery=self.discovery,
                 audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
                 logger=self.log,
+                partition=self.redis_partition,
+                partition_count=self.partition_count,
             )
         except ValueError as err:
             raise AirflowFailException(str(err)) from None
@@ -185,6 +194,37 @@ def _endpoints(redis_hook, pg_hook, day: dt.date, table: str) -> dict | None:
         "postgres_namespace": f"postgres://{conn.host}:{conn.port or 5432}",
         "postgres_name": f"{conn.schema or 'postgres'}.{target.schema or 'public'}.{target.name}",
     }
+
+
+class RedisPartitionsOperator(BaseOperator):
+    """
+    List the parts a day's keys split into, for mapped aggregation tasks to fan out over.
+
+    One part per primary of a Redis Cluster (one for a single node). Returns a list of
+    ``{"redis_partition": "host:port", "partition_count": n}`` for
+    ``RedisUsageToPostgresOperator.partial(...).expand_kwargs(...)``. Skipped, with
+    everything mapped over it, in the backfill runs that would repeat another's work.
+
+    :param redis_conn_id: Airflow connection to Redis (templated)
+    """
+
+    template_fields: Sequence[str] = ("redis_conn_id",)
+    ui_color = "#e8f4ea"
+
+    def __init__(self, *, redis_conn_id: str = DEFAULT_REDIS_CONN_ID, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.redis_conn_id = redis_conn_id
+
+    def execute(self, context: Context) -> list[dict]:
+        from airflow.providers.redis.hooks.redis import RedisHook
+
+        from usage_agg.partitions import redis_partitions
+
+        if why := repeated_backfill_work(context):
+            raise AirflowSkipException(f"Not planning: {why}")
+        parts = redis_partitions(RedisHook(redis_conn_id=self.redis_conn_id).get_conn())
+        self.log.info("Fanning out over %d Redis part(s): %s", len(parts), ", ".join(parts))
+        return [{"redis_partition": part, "partition_count": len(parts)} for part in parts]
 
 
 class UsageExpiryCheckOperator(BaseOperator):

@@ -23,16 +23,17 @@ DAY = dt.date(2025, 11, 1)
 MERCHANTS = [f"merchant_{n:03d}" for n in range(150)] + ["a*", "x:y", "[ab]", "{tag}"]
 
 
-def seed(client) -> None:
-    """The same usage in any client: three days held, odd keys from another writer, bad keys."""
+def seed(client, *, bad_keys: bool = True) -> None:
+    """The same usage in any client: three days held, a key from another writer, bad keys."""
     for day in (DAY - dt.timedelta(days=1), DAY, DAY + dt.timedelta(days=1)):
         for n, merchant in enumerate(MERCHANTS):
             track_usage(client, merchant, "api_calls", n + day.day, usage_date=day)
             if n % 3 == 0:
                 track_usage(client, merchant, "storage_mb", 7 * n, usage_date=day)
     client.incrby(build_key("other_writer", DAY, "api_calls"), 11)  # not in the day's index
-    client.set(build_key("broken", DAY, "api_calls"), b"12abc")
-    client.hset(build_key("hashed", DAY, "api_calls"), "n", 1)
+    if bad_keys:
+        client.set(build_key("broken", DAY, "api_calls"), b"12abc")
+        client.hset(build_key("hashed", DAY, "api_calls"), "n", 1)
 
 
 def rows(query, table) -> dict:

@@ -128,3 +128,20 @@ def test_a_backfill_can_be_asked_to_aggregate_every_run(mocker):
     operator.once_per_day_in_backfill = False
     operator.execute(_backfill_context(ti, 7))
     aggregate.assert_called_once()
+
+
+def test_the_partition_plan_lists_every_part_and_skips_in_repeated_backfill_runs(mocker):
+    from airflow.providers.common.compat.sdk import AirflowSkipException
+
+    from usage_agg.operators import RedisPartitionsOperator
+
+    mocker.patch("airflow.providers.redis.hooks.redis.RedisHook")
+    mocker.patch("usage_agg.partitions.redis_partitions", return_value=["10.0.0.1:7000", "10.0.0.2:7000"])
+    operator = RedisPartitionsOperator(task_id="plan")
+    ti = mocker.MagicMock()
+    assert operator.execute(_backfill_context(ti, 0)) == [
+        {"redis_partition": "10.0.0.1:7000", "partition_count": 2},
+        {"redis_partition": "10.0.0.2:7000", "partition_count": 2},
+    ]
+    with pytest.raises(AirflowSkipException, match="Not planning"):
+        operator.execute(_backfill_context(ti, 3))
