@@ -152,16 +152,18 @@ def _aggregate_in_one_transaction(
     ) as writer:  # fmt: skip
         batches = read_day(
             redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count,
-            method=result.discovery, partition=result.redis_partition,
+            method=result.discovery, partition=result.redis_partition, bulk=True,
         )  # fmt: skip
+        debug = logger.isEnabledFor(logging.DEBUG)
         for batch in batches:
+            writer.stage_plain_rows(batch.plain_rows)
             writer.stage(batch.counters)
             result.new_bad_keys += writer.record_bad_keys(batch.bad_keys)
-            result.keys_found += len(batch.counters) + len(batch.bad_keys)
+            result.keys_found += len(batch.plain_rows) + len(batch.counters) + len(batch.bad_keys)
             result.bad_keys += len(batch.bad_keys)
             result.vanished_keys += batch.vanished
-            for counter in batch.counters:
-                logger.debug("Key %s:%s = %d", counter.key.merchant_id, counter.key.metric_type, counter.quantity)
+            if debug:
+                _log_counters(logger, batch)
             for bad in batch.bad_keys:
                 _report_bad_key(logger, result, bad)
         logger.info("Found %d usage keys to process", result.keys_found)
@@ -178,6 +180,13 @@ def _aggregate_in_one_transaction(
         result.decreases_refused = merged.decreases_refused
         result.refused_decrease_samples = merged.refused_samples
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
+
+
+def _log_counters(logger, batch) -> None:
+    for merchant, metric, quantity in batch.plain_rows:
+        logger.debug("Key %s:%s = %s", merchant.decode(), metric.decode(), quantity.decode())
+    for counter in batch.counters:
+        logger.debug("Key %s:%s = %d", counter.key.merchant_id, counter.key.metric_type, counter.quantity)
 
 
 def _audit_failure(pg_conn, names, result, audit_base, err, logger) -> None:

@@ -122,6 +122,48 @@ def parse_key_of_day(raw_key: bytes, usage_date: dt.date, day_text: str) -> Usag
     return UsageKey(head[len(KEY_PREFIX) :], usage_date, parts[2])
 
 
+#: Bytes that would need escaping in COPY's text format, or that no usage key holds
+#: in its common shape; a batch with any of them takes the per-key path.
+_UNCOMMON_BYTES = (b"\\", b"\t", b"\r", b"\x00")
+
+
+@functools.lru_cache(maxsize=16)
+def _day_keys_re(day_text: str) -> re.Pattern:
+    # Greedy merchant id, then the date, then a metric type without ":": rsplit's split.
+    return re.compile(rb"^usage:(.+):" + re.escape(day_text.encode()) + rb":([^:\n]+)$", re.MULTILINE)
+
+
+def split_keys_of_day(raw_keys: list[bytes], day_text: str) -> list[tuple[bytes, bytes]] | None:
+    """Merchant id and metric type of every key of a batch, in one regular-expression pass.
+
+    The bulk form of :func:`parse_key_of_day`: all keys must be well-formed UTF-8 keys
+    of ``day_text`` without backslash, tab, CR, LF or NUL (so they also go into COPY's
+    text format unescaped). Returns ``None`` as soon as one is not: the caller then
+    parses key by key, which finds and names the odd ones.
+    """
+    blob = b"\n".join(raw_keys)
+    if any(odd in blob for odd in _UNCOMMON_BYTES) or blob.count(b"\n") != len(raw_keys) - 1:
+        return None
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    pairs = _day_keys_re(day_text).findall(blob)
+    return pairs if len(pairs) == len(raw_keys) else None
+
+
+def are_plain_quantities(raw_values: list) -> bool:
+    """Whether every value is what :func:`parse_quantity`'s fast path accepts (ASCII digits, < 19)."""
+    if not raw_values or None in raw_values:
+        return False
+    try:
+        digits = b"".join(raw_values)
+    except TypeError:  # str values (a client decoding responses): the per-key path handles them
+        return False
+    lengths = set(map(len, raw_values))
+    return min(lengths) > 0 and max(lengths) < 19 and digits.isdigit()
+
+
 @functools.lru_cache(maxsize=64)
 def _key_date(text: str) -> dt.date:
     """A key's date; cached, since one day's keys all carry the same few strings."""

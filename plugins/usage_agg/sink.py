@@ -203,6 +203,21 @@ class DayWriter:
         rows = ((c.key.merchant_id, c.key.metric_type, c.quantity) for c in counters)
         _copy_rows(self._cur, f"{_STAGE} (merchant_id, metric_type, quantity)", rows)
 
+    def stage_plain_rows(self, rows: list[tuple[bytes, bytes, bytes]]) -> None:
+        """Stage checked UTF-8 rows (see :attr:`usage_agg.source.Batch.plain_rows`) in COPY's text format.
+
+        They hold no character COPY would need escaped, so the batch is one join.
+        """
+        if not rows:
+            return
+        data = b"".join(b"%b\t%b\t%b\n" % row for row in rows).decode("utf-8")
+        target = f"{_STAGE} (merchant_id, metric_type, quantity)"
+        if hasattr(self._cur, "copy_expert"):  # psycopg2
+            self._cur.copy_expert(f"COPY {target} FROM STDIN", io.StringIO(data))
+        else:  # psycopg 3
+            with self._cur.copy(f"COPY {target} FROM STDIN") as copy:
+                copy.write(data)
+
     def record_bad_keys(self, bad_keys: list[BadKey]) -> int:
         """Upsert dead letters; return how many are new (never seen, changed, or back after a fix).
 

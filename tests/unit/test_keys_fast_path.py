@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from usage_agg.keys import BadKeyError, build_key, parse_key, parse_key_of_day
+from usage_agg.keys import (
+    BadKeyError,
+    are_plain_quantities,
+    build_key,
+    parse_key,
+    parse_key_of_day,
+    split_keys_of_day,
+)
 
 DAY = dt.date(2025, 11, 1)
 pieces = st.sampled_from(["usage", "usage:", ":", "2025-11-01", "2025-11-02", "q", "", "\x00", "m", "é", "*"])
@@ -39,3 +47,64 @@ def test_fast_path_leaves_bad_keys_to_the_full_parser():
         except BadKeyError:
             continue
         raise AssertionError(f"{raw!r} should be a bad key")
+
+
+# -- the bulk form: a whole batch in one pass, all or nothing ---------------------------------
+
+bulk_pieces = st.sampled_from(
+    ["usage", "usage:", ":", "2025-11-01", "2025-11-02", "q", "", "\x00", "m", "é", "*", "\n", "\t", "\\", "\r"]
+)
+
+
+@given(st.lists(st.lists(bulk_pieces, max_size=8).map("".join), min_size=1, max_size=5), st.sampled_from(["utf-8", "latin-1"]))
+def test_bulk_split_agrees_with_the_full_parser_whenever_it_answers(texts, encoding):
+    try:
+        raws = [text.encode(encoding) for text in texts]
+    except UnicodeEncodeError:
+        return
+    pairs = split_keys_of_day(raws, DAY.isoformat())
+    if pairs is None:
+        return
+    for raw, (merchant, metric) in zip(raws, pairs, strict=True):
+        key = parse_key(raw)
+        assert (key.usage_date, key.merchant_id, key.metric_type) == (DAY, merchant.decode(), metric.decode())
+        assert not any(ch in key.merchant_id + key.metric_type for ch in "\\\t\r\n\x00")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1).filter(lambda s: not any(ch in s for ch in "\\\t\r\n\x00")),
+            st.text(min_size=1).filter(lambda s: not any(ch in s for ch in ":\\\t\r\n\x00")),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_bulk_split_answers_for_every_plain_batch_of_the_day(keys):
+    raws = [build_key(merchant, DAY, metric).encode() for merchant, metric in keys]
+    assert split_keys_of_day(raws, DAY.isoformat()) == [(m.encode(), t.encode()) for m, t in keys]
+
+
+def test_one_odd_key_sends_the_whole_batch_to_the_per_key_path():
+    good = build_key("acme", DAY, "q").encode()
+    for odd in (b"usage:a\nb:2025-11-01:q", b"usage:m:2025-11-02:q", b"usage:\xff:2025-11-01:q", b"usage:a\\b:2025-11-01:q"):
+        assert split_keys_of_day([good, odd], DAY.isoformat()) is None
+    assert split_keys_of_day([good], DAY.isoformat()) == [(b"acme", b"q")]
+
+
+@pytest.mark.parametrize(
+    ("values", "plain"),
+    [
+        ([b"1", b"22", b"999999999999999999"], True),
+        ([b"1", None], False),
+        ([b"1", b""], False),
+        ([b"1", b"-2"], False),
+        ([b"1", b"1000000000000000000"], False),  # 19 digits: the full check decides
+        ([b"1", "2"], False),
+        ([b"\xd9\xa3"], False),  # a non-ASCII digit
+        ([], False),
+    ],
+)
+def test_plain_quantities_are_exactly_the_fast_path_of_parse_quantity(values, plain):
+    assert are_plain_quantities(values) is plain
