@@ -8,10 +8,11 @@ a screenshot in ``build/artifacts/`` (or ``USAGE_AGG_ARTIFACTS``).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 from tests.system.stack import AIRFLOW_V3, REPO, http
 from tests.system.merchant_runs import DAG_ID, MERCHANT, rows, task_states, wait_for_run
@@ -33,8 +34,6 @@ FIELDS = {
 
 @pytest.fixture
 def browser_page(stack):
-    from playwright.sync_api import sync_playwright
-
     assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: apt-get install chromium"
     status, token = http("POST", f"{stack.url}/auth/token", {"username": "admin", "password": stack.password})
     assert status == 201, token
@@ -80,20 +79,13 @@ def test_the_trigger_form_shows_the_params_and_starts_a_run_that_succeeds(
     form.get_by_role("button", name="Trigger").click()
 
     page.wait_for_url(f"**/dags/{DAG_ID}/runs/**")
-    run_id = page.url.rsplit("/runs/", 1)[1]
-    from urllib.parse import unquote
-
-    run_id = unquote(run_id)
+    run_id = unquote(page.url.rsplit("/runs/", 1)[1])
     assert wait_for_run(metadata, run_id) == "success", task_states(metadata, run_id)
     assert rows(query, merchants) == {MERCHANT: 500, "globex": 1}
 
     # The UI shows it too: the run's task instances, each succeeded.
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        page.reload()
-        states = page.locator("table").inner_text() if page.locator("table").count() else ""
-        if "validate_request" in states and "success" in states:
-            break
-        time.sleep(2)
-    assert "validate_request" in states and "success" in states, states
+    page.reload()
+    for task_id in ("validate_request", "aggregate_merchant_day"):
+        row = page.get_by_role("row").filter(has_text=task_id)
+        expect(row).to_contain_text("success", ignore_case=True, timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "trigger-form-run-succeeded.png"))
