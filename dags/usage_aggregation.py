@@ -9,13 +9,12 @@ run without a logical date (Airflow 3, triggered without one) aggregates today a
 yesterday in UTC. Reruns and backfills never double count: Redis holds each day's
 running total and the table takes that absolute value.
 
-A last task, `check_expiring_usage`, fails (and alerts) when a day that was never
-aggregated has less than a day left in Redis, and reports the aggregation lag.
-Failures alert through `USAGE_AGG_ALERT_WEBHOOK` / `USAGE_AGG_ALERT_EMAIL`.
+Usage about to expire without ever being aggregated is the DAG
+`usage_expiry_check`'s job. Failures alert through `USAGE_AGG_ALERT_WEBHOOK` /
+`USAGE_AGG_ALERT_EMAIL`.
 
 A backfill creates 24 runs a day; only each day's midnight run reads Redis, the
-others skip at once (so every day is read at most twice), and the expiry check
-is left to the scheduled runs.
+others skip at once (so every day is read at most twice).
 
 Fan-out (`USAGE_AGGREGATION_FAN_OUT=redis_primaries`, off by default): on Redis
 Cluster, `plan_redis_partitions` lists the primaries and each aggregation task is
@@ -34,7 +33,7 @@ from airflow.providers.common.compat.sdk import DAG
 
 from usage_agg import dag_config
 from usage_agg.alerts import UsageAlertNotifier
-from usage_agg.operators import RedisPartitionsOperator, RedisUsageToPostgresOperator, UsageExpiryCheckOperator
+from usage_agg.operators import RedisPartitionsOperator, RedisUsageToPostgresOperator
 
 with DAG(
     dag_id="usage_aggregation",
@@ -54,7 +53,7 @@ with DAG(
         "postgres_conn_id": dag_config.postgres_conn_id(),
     }
     # Independent on purpose: bad keys on one day must not keep the other from running,
-    # and every task is a leaf, so any failure makes the run fail (and alert).
+    # and every aggregation is a leaf, so any failure makes the run fail (and alert).
     if dag_config.aggregation_fan_out() == "off":
         RedisUsageToPostgresOperator(task_id="aggregate_previous_day", day_offset=-1, **common)
         RedisUsageToPostgresOperator(task_id="aggregate_current_day", day_offset=0, **common)
@@ -64,9 +63,3 @@ with DAG(
             RedisUsageToPostgresOperator.partial(task_id=task_id, day_offset=day_offset, **common).expand_kwargs(
                 parts.output
             )
-    UsageExpiryCheckOperator(
-        task_id="check_expiring_usage",
-        table=common["table"],
-        redis_conn_id=common["redis_conn_id"],
-        postgres_conn_id=common["postgres_conn_id"],
-    )

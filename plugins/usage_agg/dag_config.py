@@ -34,6 +34,10 @@ def aggregation_schedule() -> str:
     return os.environ.get("USAGE_AGGREGATION_SCHEDULE") or DEFAULT_SCHEDULE
 
 
+def expiry_check_schedule() -> str:
+    return os.environ.get("USAGE_EXPIRY_CHECK_SCHEDULE") or DEFAULT_SCHEDULE
+
+
 def aggregation_max_active_runs() -> int:
     raw = os.environ.get("USAGE_AGGREGATION_MAX_ACTIVE_RUNS") or str(DEFAULT_MAX_ACTIVE_RUNS)
     if not raw.isdigit() or int(raw) < 1:

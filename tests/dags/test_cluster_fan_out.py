@@ -30,7 +30,7 @@ def test_one_task_per_day_on_a_cluster_through_redis_hook(monkeypatch, redis_clu
     seed(cluster_client, bad_keys=False)  # bad keys fail a run by design; not the point here
     states = run_dag("usage_aggregation", logical_date=LOGICAL_DATE)
     assert states == {
-        "aggregate_previous_day": "success", "aggregate_current_day": "success", "check_expiring_usage": "success",
+        "aggregate_previous_day": "success", "aggregate_current_day": "success",
     }  # fmt: skip
     assert rows(query, usage_env)  # the day's and the day before's keys
 
@@ -50,7 +50,6 @@ def test_fanned_out_over_the_primaries_the_totals_equal_a_single_task_run(
     assert states == {
         "plan_redis_partitions": "success",
         **{f"aggregate_{day}_day[{i}]": "success" for day in ("previous", "current") for i in range(3)},
-        "check_expiring_usage": "success",
     }
     assert _totals(query, fanned_table) == single_task
     parts = query(
@@ -80,5 +79,5 @@ def test_an_unknown_fan_out_mode_is_an_import_error_naming_the_setting(monkeypat
 def test_fanned_out_every_aggregation_is_still_a_leaf(monkeypatch):
     monkeypatch.setenv("USAGE_AGGREGATION_FAN_OUT", "redis_primaries")
     dag = load_dagbag().get_dag("usage_aggregation")
-    assert {t.task_id for t in dag.leaves} == {"aggregate_previous_day", "aggregate_current_day", "check_expiring_usage"}
+    assert {t.task_id for t in dag.leaves} == {"aggregate_previous_day", "aggregate_current_day"}
     assert dag.get_task("aggregate_current_day").upstream_task_ids == {"plan_redis_partitions"}

@@ -8,7 +8,7 @@ import pytest
 
 from tests.dags.conftest import AIRFLOW_V3, DAGS_FOLDER, load_dagbag
 
-DAG_IDS = {"usage_aggregation", "usage_aggregation_merchant"}
+DAG_IDS = {"usage_aggregation", "usage_aggregation_merchant", "usage_expiry_check"}
 
 
 def schedule_of(dag):
@@ -46,18 +46,27 @@ def test_hourly_dag_is_hourly_with_bounded_concurrency_and_covers_two_days():
     assert {t.task_id: t.day_offset for t in aggregations} == {"aggregate_previous_day": -1, "aggregate_current_day": 0}
     assert all(t.merchant_id is None for t in aggregations)
     # every task a leaf: a failed aggregation must fail the run, whatever the others do
-    assert {t.task_id for t in dag.leaves} == {"aggregate_previous_day", "aggregate_current_day", "check_expiring_usage"}
+    assert {t.task_id for t in dag.leaves} == {"aggregate_previous_day", "aggregate_current_day"}
+
+
+def test_the_expiry_check_is_a_dag_of_its_own_never_caught_up():
+    dag = load_dagbag().get_dag("usage_expiry_check")
+    assert schedule_of(dag) == "@hourly"
+    assert dag.task_ids == ["check_expiring_usage"]
+    assert (dag.catchup, dag.max_active_runs) == (False, 1)
 
 
 def test_schedule_connections_and_table_come_from_env(monkeypatch):
     monkeypatch.setenv("USAGE_AGGREGATION_SCHEDULE", "*/15 * * * *")
     monkeypatch.setenv("USAGE_AGGREGATION_MAX_ACTIVE_RUNS", "2")
+    monkeypatch.setenv("USAGE_EXPIRY_CHECK_SCHEDULE", "30 */6 * * *")
     monkeypatch.setenv("USAGE_AGG_REDIS_CONN_ID", "other_redis")
     monkeypatch.setenv("USAGE_AGG_POSTGRES_CONN_ID", "other_postgres")
     monkeypatch.setenv("USAGE_AGG_TABLE", "billing.usage_daily")
     bag = load_dagbag()
     assert schedule_of(bag.get_dag("usage_aggregation")) == "*/15 * * * *"
     assert bag.get_dag("usage_aggregation").max_active_runs == 2
+    assert schedule_of(bag.get_dag("usage_expiry_check")) == "30 */6 * * *"
     for dag in bag.dags.values():
         operators = [t for t in dag.tasks if t.task_type in ("RedisUsageToPostgresOperator", "UsageExpiryCheckOperator")]
         assert operators

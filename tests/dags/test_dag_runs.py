@@ -23,7 +23,7 @@ def test_hourly_run_aggregates_its_day_and_the_day_before(redis_client, usage_en
     track_usage(redis_client, "acme", "queries", 6, usage_date="2025-11-02")
     track_usage(redis_client, "acme", "queries", 7, usage_date="2025-10-31")  # out of this run's reach
     states = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 0, tz="UTC"))
-    assert states == {"aggregate_previous_day": "success", "aggregate_current_day": "success", "check_expiring_usage": "success"}
+    assert states == {"aggregate_previous_day": "success", "aggregate_current_day": "success"}
     assert totals(query, usage_env) == {
         ("acme", "2025-11-01", "queries"): 5,
         ("acme", "2025-11-02", "queries"): 6,
@@ -61,7 +61,7 @@ def test_a_new_bad_key_fails_once_without_retry_and_good_keys_are_committed(redi
     redis_client.set("usage:broken:2025-11-02:queries", "not-a-number")
     dag = "usage_aggregation"
     first = run_dag(dag, logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))
-    assert first == {"aggregate_previous_day": "success", "aggregate_current_day": "failed", "check_expiring_usage": "success"}
+    assert first == {"aggregate_previous_day": "success", "aggregate_current_day": "failed"}
     assert totals(query, usage_env) == {("acme", "2025-11-02", "queries"): 5}
     schema = usage_env.split(".")[0]
     assert query(f"SELECT redis_key, reason FROM {schema}.usage_aggregation_errors") == [
@@ -71,7 +71,7 @@ def test_a_new_bad_key_fails_once_without_retry_and_good_keys_are_committed(redi
     assert query(f"SELECT count(*) FROM {schema}.usage_aggregation_runs WHERE usage_date = '2025-11-02'") == [(1,)]
 
     second = run_dag(dag, logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC"))
-    assert second == {"aggregate_previous_day": "success", "aggregate_current_day": "success", "check_expiring_usage": "success"}
+    assert second == {"aggregate_previous_day": "success", "aggregate_current_day": "success"}
 
 
 def test_merchant_rerun_touches_that_merchant_alone(redis_client, usage_env, query):

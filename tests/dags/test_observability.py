@@ -104,11 +104,13 @@ def run_state_of_last_run(dag_id: str) -> str:
 
 def test_expiry_check_fails_the_run_when_a_day_is_about_to_be_lost(redis_client, usage_env):
     track_usage(redis_client, "acme", "queries", 1, usage_date="2025-10-27", ttl=dt.timedelta(hours=2))
-    states = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))
-    assert states == {
-        "aggregate_previous_day": "success",
-        "aggregate_current_day": "success",
-        "check_expiring_usage": "failed",
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC")) == {
+        "check_expiring_usage": "failed"
+    }
+    assert run_state_of_last_run("usage_expiry_check") == "failed"
+    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-10-27")  # the TTL is a week again
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC")) == {
+        "check_expiring_usage": "success"
     }
 
 
@@ -147,14 +149,18 @@ def test_metrics_reach_statsd(redis_client, usage_env):
     stop = threading.Event()
     thread = threading.Thread(target=collect, daemon=True)
     thread.start()
-    done = subprocess.run(
-        ["airflow", "dags", "test", "usage_aggregation", "2025-11-02T00:00:00+00:00"],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    runs = [
+        subprocess.run(
+            ["airflow", "dags", "test", dag_id, "2025-11-02T00:00:00+00:00"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        for dag_id in ("usage_aggregation", "usage_expiry_check")
+    ]
     stop.set()
     thread.join()
     listener.close()
-    assert done.returncode == 0, done.stderr[-2000:]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-2000:]
     names = {p.split(":")[0] for p in packets if p}
     for metric in ("keys_found", "rows_written", "bad_keys", "decreases_refused", "duration",
                    "unaggregated_lag_days", "days_expiring_unaggregated"):  # fmt: skip
