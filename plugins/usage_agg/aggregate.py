@@ -12,13 +12,23 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from usage_agg.keys import parse_date
-from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, SchemaNames, ensure_schema, record_failed_run
+from usage_agg.prefetch import prefetched
+from usage_agg.sink import (
+    DEFAULT_LOCK_TIMEOUT,
+    SAMPLE_LIMIT,
+    DayWriter,
+    SchemaNames,
+    ensure_schema,
+    record_failed_run,
+)
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, discovery_method, read_day
 
 log = logging.getLogger(__name__)
 
 #: Bad keys named one by one in the log (and the result); all are counted and recorded.
 BAD_KEY_LOG_LIMIT = 100
+#: Staged rows merged at a time: PostgreSQL merges a chunk while Redis is read for the next.
+MERGE_EVERY_ROWS = 20_000
 
 
 @dataclass
@@ -150,11 +160,14 @@ def _aggregate_in_one_transaction(
         pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout,
         partition=result.redis_partition,
     ) as writer:  # fmt: skip
-        batches = read_day(
-            redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count,
-            method=result.discovery, partition=result.redis_partition, bulk=True,
+        batches = prefetched(
+            lambda: read_day(
+                redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count,
+                method=result.discovery, partition=result.redis_partition, bulk=True,
+            )
         )  # fmt: skip
         debug = logger.isEnabledFor(logging.DEBUG)
+        staged = 0
         for batch in batches:
             writer.stage_plain_rows(batch.plain_rows)
             writer.stage(batch.counters)
@@ -166,6 +179,10 @@ def _aggregate_in_one_transaction(
                 _log_counters(logger, batch)
             for bad in batch.bad_keys:
                 _report_bad_key(logger, result, bad)
+            staged += len(batch.plain_rows) + len(batch.counters)
+            if staged >= MERGE_EVERY_ROWS:  # merge while the reader fetches the next batches
+                _add_merge(result, writer.merge())
+                staged = 0
         logger.info("Found %d usage keys to process", result.keys_found)
         logger.debug("Keys found through %s", "the day's index" if result.discovery == "index" else "SCAN")
         if result.keys_found == 0:
@@ -174,12 +191,17 @@ def _aggregate_in_one_transaction(
                 result.usage_date,
                 scope,
             )
-        merged = writer.merge()
-        result.rows_written = merged.rows_written
-        result.rows_unchanged = merged.rows_unchanged
-        result.decreases_refused = merged.decreases_refused
-        result.refused_decrease_samples = merged.refused_samples
+        if staged or result.keys_found == 0:
+            _add_merge(result, writer.merge())
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
+
+
+def _add_merge(result: AggregationResult, merged) -> None:
+    result.rows_written += merged.rows_written
+    result.rows_unchanged += merged.rows_unchanged
+    result.decreases_refused += merged.decreases_refused
+    room = SAMPLE_LIMIT - len(result.refused_decrease_samples)
+    result.refused_decrease_samples.extend(merged.refused_samples[: max(room, 0)])
 
 
 def _log_counters(logger, batch) -> None:

@@ -268,7 +268,7 @@ class DayWriter:
         return int(self._cur.fetchone()[0])
 
     def merge(self) -> MergeResult:
-        """Upsert the staged counters into the usage table, in one statement.
+        """Upsert the staged counters into the usage table, in one statement, and empty the stage.
 
         One join of the staged day with its stored rows classifies every counter;
         only new and grown rows (and lowered ones, if allowed) reach the INSERT, so
@@ -319,6 +319,7 @@ class DayWriter:
                 {"merchant_id": m, "metric_type": t, "stored": int(s), "redis": int(q)} for m, t, s, q in cur.fetchall()
             ]
         self._resolve_fixed_keys()
+        cur.execute(f"TRUNCATE {_STAGE}")  # the next chunk starts empty
         return result
 
     def _resolve_fixed_keys(self) -> None:

@@ -310,3 +310,30 @@ def test_an_older_schema_is_upgraded_by_the_next_run(redis_client, pg_conn, tabl
     ) == [(1,)]
     assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 3",)]
     assert rows(query, table) == {("acme", "queries"): 1}
+
+
+def test_merging_in_chunks_gives_the_same_result_as_one_merge(redis_client, pg_conn, pg_schema, query, monkeypatch):
+    """The aggregation merges every MERGE_EVERY_ROWS staged rows while Redis is read; nothing may differ."""
+    import usage_agg.aggregate as aggregate_module
+    from usage_agg.tracking import track_usage as track
+
+    for n in range(12):
+        track(redis_client, f"m{n:02d}", "queries", 10 + n, usage_date="2025-11-01")
+    redis_client.set("usage:broken:2025-11-01:queries", "NaN")
+    results, tables = {}, {}
+    for label, every in (("one", 10**9), ("chunked", 3)):
+        table = tables[label] = f"{pg_schema}.{label}"
+        aggregate_day(redis_client, pg_conn, "2025-11-01", table=table, discovery="scan")
+        # stored totals above Redis for two merchants: refused decreases, in any chunk
+        query(f"UPDATE {table} SET quantity = quantity + 100 WHERE merchant_id IN ('m03', 'm09') RETURNING 1")
+        track(redis_client, "m05", "queries", 1, usage_date="2025-11-01")  # grew since
+        monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", every)
+        results[label] = aggregate_day(redis_client, pg_conn, "2025-11-01", table=table, batch_size=2, discovery="scan")
+        redis_client.decrby("usage:m05:2025-11-01:queries", 1)
+    one, chunked = results["one"], results["chunked"]
+    for field in ("keys_found", "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys"):
+        assert getattr(chunked, field) == getattr(one, field), field
+    assert (chunked.rows_written, chunked.decreases_refused, chunked.rows_unchanged) == (1, 2, 9)
+    assert sorted(chunked.refused_decrease_samples, key=str) == sorted(one.refused_decrease_samples, key=str)
+    rows = "SELECT merchant_id, metric_type, quantity FROM {} ORDER BY 1"
+    assert query(rows.format(tables["chunked"])) == query(rows.format(tables["one"]))
