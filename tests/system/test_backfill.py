@@ -69,6 +69,20 @@ def _wait_for_backfill_runs(metadata, expected_runs: int, timeout: float = 900) 
     raise AssertionError(f"backfill runs not finished after {timeout} s: {states}")
 
 
+def _runs_left_running_with_every_task_done(metadata) -> list[str]:
+    """Airflow 2.11's backfill now and then leaves a run whose tasks have all finished in
+    state running (seen here in one backfill of three: 2 of 145 runs). Its work is done;
+    only the run's own state is stale. Named in the test output, and in README.md."""
+    return [
+        run_id
+        for (run_id,) in metadata(
+            "SELECT dr.run_id FROM dag_run dr WHERE dr.dag_id = 'usage_aggregation' AND dr.run_type = 'backfill' "
+            "AND dr.state = 'running' AND NOT EXISTS (SELECT 1 FROM task_instance ti WHERE ti.dag_id = dr.dag_id "
+            "AND ti.run_id = dr.run_id AND ti.state NOT IN ('success', 'skipped'))"
+        )
+    ]
+
+
 def test_backfill_a_week_fills_every_day_reading_each_at_most_twice(stack, week_in_redis, usage_table, query, metadata):
     schema = usage_table.split(".")[0]
     # The expired day was aggregated long ago; Redis has since dropped its keys.
@@ -89,7 +103,19 @@ def test_backfill_a_week_fills_every_day_reading_each_at_most_twice(stack, week_
     done = stack.airflow(*BACKFILL_COMMAND.split()[1:], timeout=1800)
     runs_per_day = 24
     expected_runs = (LAST - FIRST).days * runs_per_day + 1  # both ends inclusive, hourly
-    _wait_for_backfill_runs(metadata, expected_runs)
+    # Airflow 2's CLI returns when its backfill is done; Airflow 3's scheduler works on after.
+    stale = [] if AIRFLOW_V3 else _runs_left_running_with_every_task_done(metadata)
+    if stale:
+        print(f"Airflow 2.11 left {len(stale)} finished run(s) in state running: {stale}")
+        metadata(
+            "UPDATE dag_run SET state = 'success' WHERE dag_id = 'usage_aggregation' AND run_id = ANY(%s) RETURNING 1",
+            (stale,),
+        )
+        assert len(stale) <= 5, stale  # a stale state now and then, never a backfill that did not run
+    try:
+        _wait_for_backfill_runs(metadata, expected_runs, timeout=900 if AIRFLOW_V3 else 60)
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n--- {BACKFILL_COMMAND} ---\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}") from None
     print(f"backfill of {expected_runs} runs took {time.monotonic() - started:.0f} s", done.stdout[-500:])
 
     rows = {
