@@ -161,6 +161,8 @@ class DayWriter:
         self.lock_timeout = lock_timeout
         self.partition = partition
         self._cur = None
+        #: (merchant_id, metric_type) as UTF-8 bytes, staged since the last merge
+        self._staged_keys: set[tuple[bytes, bytes]] = set()
 
     def __enter__(self) -> DayWriter:
         self._cur = self.conn.cursor()
@@ -179,6 +181,10 @@ class DayWriter:
                 "SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"{day_lock[0]} {self.partition}", day_lock[1])
             )
         cur.execute("SELECT set_config('lock_timeout', '0', true)")
+        # A day with no stored rows yet (its first aggregation, the heavy one) needs no
+        # comparison with stored rows: every counter is new.
+        cur.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {self.names.usage.quoted} WHERE usage_date = %s)", (self.usage_date,))
+        self._day_was_empty = cur.fetchone()[0]
         # The merge hashes a whole day: give it memory rather than let it spill to disk.
         cur.execute("SELECT set_config('work_mem', %s, true)", (MERGE_WORK_MEM,))
         cur.execute(
@@ -198,16 +204,36 @@ class DayWriter:
 
     def stage(self, counters: list[Counter]) -> None:
         """Stream a batch of counters into the staging table with ``COPY``."""
-        if not counters:
-            return
-        rows = ((c.key.merchant_id, c.key.metric_type, c.quantity) for c in counters)
-        _copy_rows(self._cur, f"{_STAGE} (merchant_id, metric_type, quantity)", rows)
+        rows = [
+            (c.key.merchant_id, c.key.metric_type, c.quantity)
+            for c in counters
+            if self._first_time((c.key.merchant_id.encode(), c.key.metric_type.encode()))
+        ]
+        if rows:
+            _copy_rows(self._cur, f"{_STAGE} (merchant_id, metric_type, quantity)", rows)
+
+    def _first_time(self, key: tuple[bytes, bytes]) -> bool:
+        """Stage each key once per merge, so the merge needs no GROUP BY.
+
+        SCAN and SSCAN may return a key twice; its first value is kept (a later read
+        can only be a little higher, and the next run takes it).
+        """
+        if key in self._staged_keys:
+            return False
+        self._staged_keys.add(key)
+        return True
 
     def stage_plain_rows(self, rows: list[tuple[bytes, bytes, bytes]]) -> None:
         """Stage checked UTF-8 rows (see :attr:`usage_agg.source.Batch.plain_rows`) in COPY's text format.
 
         They hold no character COPY would need escaped, so the batch is one join.
         """
+        keys = [row[:2] for row in rows]
+        unique = set(keys)
+        if len(unique) == len(keys) and self._staged_keys.isdisjoint(unique):
+            self._staged_keys |= unique
+        else:  # a key staged twice: keep its first row only
+            rows = [row for row in rows if self._first_time(row[:2])]
         if not rows:
             return
         data = b"".join(b"%b\t%b\t%b\n" % row for row in rows).decode("utf-8")
@@ -278,12 +304,11 @@ class DayWriter:
         cur = self._cur
         usage = self.names.usage.quoted
         params = {"day": self.usage_date, "allow": self.allow_decrease, "limit": SAMPLE_LIMIT}
+        if self._day_was_empty:
+            return self._insert_new_day(params)
         compared = f"""
             SELECT s.merchant_id, s.metric_type, s.quantity, t.quantity AS stored
-            FROM (
-                SELECT merchant_id, metric_type, max(quantity) AS quantity
-                FROM {_STAGE} GROUP BY merchant_id, metric_type
-            ) s
+            FROM {_STAGE} s
             LEFT JOIN {usage} t
               ON t.merchant_id = s.merchant_id AND t.usage_date = %(day)s AND t.metric_type = s.metric_type
         """
@@ -319,8 +344,41 @@ class DayWriter:
                 {"merchant_id": m, "metric_type": t, "stored": int(s), "redis": int(q)} for m, t, s, q in cur.fetchall()
             ]
         self._resolve_fixed_keys()
-        cur.execute(f"TRUNCATE {_STAGE}")  # the next chunk starts empty
+        self._clear_stage()
         return result
+
+    def _insert_new_day(self, params: dict) -> MergeResult:
+        """:meth:`merge` for a day that had no rows when this run took its lock.
+
+        Nothing stored to compare with, so the staged counters go straight in. The
+        ``ON CONFLICT`` guard still keeps totals from falling, for a key staged twice
+        (SCAN may return one twice) or a writer without the lock.
+        """
+        cur = self._cur
+        cur.execute(
+            f"""
+            WITH written AS (
+                INSERT INTO {self.names.usage.quoted} AS t (merchant_id, usage_date, metric_type, quantity)
+                SELECT merchant_id, %(day)s, metric_type, quantity FROM {_STAGE}
+                ON CONFLICT (merchant_id, usage_date, metric_type) DO UPDATE
+                   SET quantity = EXCLUDED.quantity, updated_at = now()
+                 WHERE t.quantity < EXCLUDED.quantity
+                    OR (%(allow)s AND t.quantity <> EXCLUDED.quantity)
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM {_STAGE})
+            """,
+            params,
+        )
+        written, staged = cur.fetchone()
+        self._resolve_fixed_keys()
+        self._clear_stage()
+        return MergeResult(rows_written=int(written), rows_unchanged=int(staged) - int(written))
+
+    def _clear_stage(self) -> None:
+        """The next chunk starts empty."""
+        self._cur.execute(f"TRUNCATE {_STAGE}")
+        self._staged_keys.clear()
 
     def _resolve_fixed_keys(self) -> None:
         """Mark dead letters of this date resolved once their key aggregates cleanly."""

@@ -337,3 +337,29 @@ def test_merging_in_chunks_gives_the_same_result_as_one_merge(redis_client, pg_c
     assert sorted(chunked.refused_decrease_samples, key=str) == sorted(one.refused_decrease_samples, key=str)
     rows = "SELECT merchant_id, metric_type, quantity FROM {} ORDER BY 1"
     assert query(rows.format(tables["chunked"])) == query(rows.format(tables["one"]))
+
+
+@pytest.mark.parametrize("stored_before", [False, True], ids=["new-day", "day-with-rows"])
+def test_a_key_staged_twice_is_merged_once(pg_conn, pg_schema, query, stored_before):
+    """SCAN and SSCAN may return a key twice, in one batch or two; the merge must not fail on it."""
+    import datetime as dt
+
+    from usage_agg.keys import UsageKey
+    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.source import Counter
+
+    day = dt.date(2025, 11, 1)
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    pg_conn.commit()
+    if stored_before:
+        query(f"INSERT INTO {names.usage.quoted} (merchant_id, usage_date, metric_type, quantity) "
+              "VALUES ('other', '2025-11-01', 'q', 1) RETURNING 1")  # fmt: skip
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_plain_rows([(b"acme", b"q", b"5"), (b"acme", b"q", b"6"), (b"globex", b"q", b"1")])
+        writer.stage_plain_rows([(b"globex", b"q", b"1"), (b"initech", b"q", b"2")])
+        writer.stage([Counter(UsageKey("acme", day, "q"), 7), Counter(UsageKey("umbrella", day, "q"), 3)])
+        merged = writer.merge()
+    assert (merged.rows_written, merged.rows_unchanged) == (4, 0)
+    assert dict(query(f"SELECT merchant_id, quantity FROM {names.usage.quoted} WHERE merchant_id <> 'other'")) == {
+        "acme": 5, "globex": 1, "initech": 2, "umbrella": 3,
+    }  # fmt: skip
