@@ -2,7 +2,7 @@
 
 One date is one transaction (:class:`DayWriter`): an advisory lock per table and
 date serialises writers, counters are streamed into a temporary staging table with
-``COPY``, and one merge statement upserts them. The merge never lowers a stored
+``COPY``, and a merge statement upserts each staged chunk. The merge never lowers a stored
 total unless asked to, and never rewrites a row whose value did not change.
 
 Works on the DB-API connection of either driver that Airflow's ``PostgresHook``
