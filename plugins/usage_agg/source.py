@@ -15,8 +15,8 @@ from typing import NamedTuple
 
 from usage_agg.keys import (
     BadKeyError,
-    are_plain_quantities,
     UsageKey,
+    are_plain_quantities,
     belongs_to,
     day_pattern,
     index_key,
@@ -132,8 +132,8 @@ def _read_batch_in_bulk(client, raw_keys: list[bytes], usage_date: dt.date, merc
     """A whole day's batch without a Python object per key, when every key and value is plain.
 
     One regular expression splits the keys, one ``MGET`` reads the values, one join
-    checks them; a batch with anything unusual (a bad key or value, a duplicate, a
-    vanished key) is read again key by key, which names each problem.
+    checks them; a batch with anything unusual (a bad key or value, a vanished key)
+    is read again key by key, which names each problem.
     """
     raw_keys = list(dict.fromkeys(raw_keys))  # SCAN may return a key twice
     pairs = split_keys_of_day(raw_keys, usage_date.isoformat())
