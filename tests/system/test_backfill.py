@@ -75,7 +75,7 @@ def _wait_for_backfill_runs(metadata, expected_runs: int, timeout: float = 900) 
 
 def _runs_left_running_with_every_task_done(metadata) -> list[str]:
     """Airflow 2.11's backfill now and then leaves a run whose tasks have all finished in
-    state running (seen here in one backfill of three: 2 of 145 runs). Its work is done;
+    state running (seen here in 2 of 5 backfills: 2 of 145 runs each). Its work is done;
     only the run's own state is stale. Named in the test output, and in README.md."""
     return [
         run_id
