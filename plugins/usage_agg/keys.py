@@ -20,6 +20,12 @@ KEY_PREFIX = "usage:"
 #: start with KEY_PREFIX, so no usage pattern (``usage:*``) can ever match it.
 INDEX_PREFIX = "usage-index:"
 BIGINT_MAX = 2**63 - 1
+#: The longest merchant id and metric type accepted, in UTF-8 bytes. PostgreSQL's
+#: primary-key index refuses entries over about 2.7 KB (one third of a page), and a
+#: refused row would roll back its whole day; these limits keep every accepted key
+#: well inside it. A longer key is a bad key: dead-lettered, never blocking the day.
+MAX_MERCHANT_ID_BYTES = 1024
+MAX_METRIC_TYPE_BYTES = 256
 
 _DATE_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _DIGITS_RE = re.compile(rb"[0-9]+")
@@ -56,6 +62,8 @@ def _check_merchant_id(merchant_id: str) -> None:
         raise ValueError(f"merchant_id: must be a non-empty string, got {merchant_id!r}")
     if "\x00" in merchant_id:
         raise ValueError("merchant_id: must not contain a NUL character (PostgreSQL text cannot store it)")
+    if reason := _length_problem("merchant id", merchant_id, MAX_MERCHANT_ID_BYTES):
+        raise ValueError(f"merchant_id: {reason}")
 
 
 def _check_metric_type(metric_type: str) -> None:
@@ -63,6 +71,19 @@ def _check_metric_type(metric_type: str) -> None:
         raise ValueError(f"metric_type: must be a non-empty string, got {metric_type!r}")
     if ":" in metric_type or "\x00" in metric_type:
         raise ValueError(f"metric_type: must not contain ':' or NUL, got {metric_type!r}")
+    if reason := _length_problem("metric type", metric_type, MAX_METRIC_TYPE_BYTES):
+        raise ValueError(f"metric_type: {reason}")
+
+
+def _length_problem(what: str, text: str, limit: int) -> str | None:
+    """Why ``text`` is too long to store, or ``None``; cheap for the usual short text."""
+    if len(text) * 4 <= limit:  # a UTF-8 character is at most 4 bytes
+        return None
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return f"{what} is not valid UTF-8"
+    return f"{what} is {size} bytes long; at most {limit} bytes are accepted" if size > limit else None
 
 
 def build_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) -> str:
@@ -99,16 +120,23 @@ def parse_key(raw_key: bytes | str) -> UsageKey:
         raise BadKeyError("metric type is empty")
     if "\x00" in key:
         raise BadKeyError("key contains a NUL character, which PostgreSQL text cannot store")
-    return UsageKey(merchant_id, _key_date(day), metric_type)
+    usage_date = _key_date(day)
+    for what, text, limit in (("merchant id", merchant_id, MAX_MERCHANT_ID_BYTES), ("metric type", metric_type, MAX_METRIC_TYPE_BYTES)):
+        if reason := _length_problem(what, text, limit):
+            raise BadKeyError(reason)
+    return UsageKey(merchant_id, usage_date, metric_type)
 
 
 def parse_key_of_day(raw_key: bytes, usage_date: dt.date, day_text: str) -> UsageKey | None:
     """:func:`parse_key`'s fast path for a reader of one day; ``None`` when unsure.
 
     A well-formed UTF-8 key of ``usage_date`` (``day_text`` is its ISO form) is split
-    without date parsing; anything else (another day, bad UTF-8, NUL, empty parts)
-    returns ``None``, for :func:`parse_key` to parse or to give the exact reason.
+    without date parsing; anything else (another day, bad UTF-8, NUL, empty parts, a
+    key long enough that a part may be over its limit) returns ``None``, for
+    :func:`parse_key` to parse or to give the exact reason.
     """
+    if len(raw_key) > SHORT_KEY_BYTES:
+        return None
     try:
         key = raw_key.decode("utf-8")
     except UnicodeDecodeError:
@@ -121,6 +149,10 @@ def parse_key_of_day(raw_key: bytes, usage_date: dt.date, day_text: str) -> Usag
         return None
     return UsageKey(head[len(KEY_PREFIX) :], usage_date, parts[2])
 
+
+#: Keys up to this long cannot hold a merchant id or metric type over its limit, so
+#: the fast paths take them without measuring the parts; longer keys take the full parser.
+SHORT_KEY_BYTES = len(KEY_PREFIX) + len(":YYYY-MM-DD:") + min(MAX_MERCHANT_ID_BYTES, MAX_METRIC_TYPE_BYTES)
 
 #: Bytes that would need escaping in COPY's text format, or that no usage key holds
 #: in its common shape; a batch with any of them takes the per-key path.
@@ -137,10 +169,13 @@ def split_keys_of_day(raw_keys: list[bytes], day_text: str) -> list[tuple[bytes,
     """Merchant id and metric type of every key of a batch, in one regular-expression pass.
 
     The bulk form of :func:`parse_key_of_day`: all keys must be well-formed UTF-8 keys
-    of ``day_text`` without backslash, tab, CR, LF or NUL (so they also go into COPY's
-    text format unescaped). Returns ``None`` as soon as one is not: the caller then
+    of ``day_text``, at most :data:`SHORT_KEY_BYTES` long, without backslash, tab, CR,
+    LF or NUL (so they also go into COPY's text format unescaped; the writer checks
+    that again on the block it sends). Returns ``None`` as soon as one is not: the caller then
     parses key by key, which finds and names the odd ones.
     """
+    if not raw_keys or max(map(len, raw_keys)) > SHORT_KEY_BYTES:
+        return None
     blob = b"\n".join(raw_keys)
     if any(odd in blob for odd in _UNCOMMON_BYTES) or blob.count(b"\n") != len(raw_keys) - 1:
         return None
@@ -150,6 +185,7 @@ def split_keys_of_day(raw_keys: list[bytes], day_text: str) -> list[tuple[bytes,
         return None
     pairs = _day_keys_re(day_text).findall(blob)
     return pairs if len(pairs) == len(raw_keys) else None
+
 
 
 def are_plain_quantities(raw_values: list) -> bool:
