@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from redis.exceptions import ResponseError
 
-from usage_agg.sink import SCHEMA_VERSION, SchemaNames, missing_objects, schema_is_current
+from usage_agg.schema import SCHEMA_VERSION, missing_objects, resolve_names, schema_is_current
 
 
 @dataclass
@@ -84,7 +84,7 @@ def check_postgres(conn, table: str, report: HealthReport) -> None:
         version = cur.fetchone()[0]
     conn.rollback()
     report.add("postgres", True, f"reachable, PostgreSQL {version}")
-    names = SchemaNames.for_table(table)
+    names = resolve_names(conn, table)
     missing = missing_objects(conn, names)
     if missing:
         report.add("postgres schema", False, f"missing {', '.join(missing)}; the next aggregation run creates them")
