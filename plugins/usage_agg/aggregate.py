@@ -11,22 +11,21 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 
+from usage_agg.audit import record_failed_run
+from usage_agg.db_errors import describe
 from usage_agg.keys import parse_date
 from usage_agg.prefetch import prefetched
-from usage_agg.sink import (
-    DEFAULT_LOCK_TIMEOUT,
-    SAMPLE_LIMIT,
-    DayWriter,
-    SchemaNames,
-    ensure_schema,
-    record_failed_run,
-)
+from usage_agg.schema import ensure_schema, resolve_names
+from usage_agg.servers import check_unchanged, read_incarnations
+from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, MergeResult, Source, register_incarnations
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, discovery_method, read_day
 
 log = logging.getLogger(__name__)
 
 #: Bad keys named one by one in the log (and the result); all are counted and recorded.
 BAD_KEY_LOG_LIMIT = 100
+#: Resets returned (and logged) by name; all are counted.
+SAMPLE_LIMIT = 20
 #: Staged rows merged at a time: PostgreSQL merges a chunk while Redis is read for the next.
 MERGE_EVERY_ROWS = 20_000
 
@@ -41,7 +40,11 @@ class AggregationResult:
     keys_found: int = 0
     rows_written: int = 0
     rows_unchanged: int = 0
+    #: Redis values lower than the value last read, which did not lower the stored total
     decreases_refused: int = 0
+    #: counters found reset (Redis lost data: a restart, failover, restore or eviction);
+    #: what was counted before is kept (see :mod:`usage_agg.sink`)
+    resets: int = 0
     bad_keys: int = 0
     #: bad keys not reported by an earlier run (new, changed, or bad again after a fix)
     new_bad_keys: int = 0
@@ -54,7 +57,7 @@ class AggregationResult:
     redis_partition: str | None = None
     duration_seconds: float = 0.0
     bad_key_samples: list[dict] = field(default_factory=list)
-    refused_decrease_samples: list[dict] = field(default_factory=list)
+    reset_samples: list[dict] = field(default_factory=list)
 
     @property
     def records_aggregated(self) -> int:
@@ -84,11 +87,13 @@ def aggregate_day(
 ) -> AggregationResult:
     """Copy one date's counters (optionally one merchant's) into the usage table.
 
-    Redis holds each day's running total and PostgreSQL takes that absolute value,
-    so any number of reruns gives the same rows. A date with no keys left in Redis
-    leaves its rows alone. The whole date is one transaction.
+    Redis holds each day's running total and PostgreSQL takes that absolute value
+    (plus what earlier resets kept, see :mod:`usage_agg.sink`), so any number of
+    reruns gives the same rows. A date with no keys left in Redis leaves its rows
+    alone. The whole date is one transaction.
 
-    :param discovery: ``auto`` (the day's index when it exists, else ``SCAN``), ``index`` or ``scan``.
+    :param discovery: ``auto`` (the day's index when it exists, else ``SCAN``; always
+        ``SCAN`` for one merchant), ``index`` or ``scan``.
     :param audit: ``dag_id``/``run_id``/``task_id`` for the audit row.
     :param create_schema: create the tables when missing (idempotent).
     :param partition: aggregate only the keys of this Redis Cluster primary (one part
@@ -105,10 +110,11 @@ def aggregate_day(
             f"redis_partition and partition_count: give both (a positive count) or neither, "
             f"got {partition!r} and {partition_count!r}"
         )
-    names = ensure_schema(pg_conn, table) if create_schema else SchemaNames.for_table(table)
+    names = ensure_schema(pg_conn, table) if create_schema else resolve_names(pg_conn, table)
+    method = discovery_method(redis_client, day, discovery, merchant_id, warn=logger.warning)
     result = AggregationResult(
         usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage), allow_decrease=allow_decrease,
-        discovery=discovery_method(redis_client, day, discovery), redis_partition=partition,
+        discovery=method, redis_partition=partition,
     )  # fmt: skip
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
@@ -121,13 +127,14 @@ def aggregate_day(
         **(audit or {}), "usage_table": result.table, "usage_date": day, "started_at": started_at,
         "redis_partition": partition, "partition_count": partition_count,
     }  # fmt: skip
+    progress = _Progress()
     try:
         _aggregate_in_one_transaction(
-            redis_client, pg_conn, names, day, result, audit_base, logger, scope,
+            redis_client, pg_conn, names, day, result, audit_base, logger, scope, progress,
             lock_timeout=lock_timeout, batch_size=batch_size, scan_count=scan_count,
         )  # fmt: skip
     except Exception as err:
-        _audit_failure(pg_conn, names, result, audit_base, err, logger)
+        _audit_failure(pg_conn, names, result, audit_base, err, progress, logger)
         raise
 
     result.duration_seconds = round(time.monotonic() - started, 3)
@@ -135,27 +142,42 @@ def aggregate_day(
         logger.warning(
             "%d more bad keys not listed here; all are in %s", result.bad_keys - BAD_KEY_LOG_LIMIT, names.errors
         )
-    if result.decreases_refused:
+    if result.resets:
         logger.warning(
-            "Refused to lower %d stored totals to a smaller Redis value (Redis restarted or evicted keys?); "
-            "rerun with allow_decrease to accept them. First ones: %s",
-            result.decreases_refused,
-            result.refused_decrease_samples,
+            "Redis lost data: %d counter(s) of %s were reset (restart, failover, snapshot restore or eviction). "
+            "What was counted before is kept and only growth since is added; rerun with allow_decrease only if "
+            "Redis holds the true totals. First ones: %s",
+            result.resets,
+            result.usage_date,
+            result.reset_samples,
         )
     logger.info(
-        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, decreases refused: %d)",
+        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, resets: %d)",
         result.records_aggregated,
         result.bad_keys,
         result.rows_written,
         result.rows_unchanged,
-        result.decreases_refused,
+        result.resets,
     )
     return result
 
 
+@dataclass
+class _Progress:
+    """How far a run got before it failed, for the failed run's audit row."""
+
+    keys_read: int = 0
+    rows_merged: int = 0
+
+
 def _aggregate_in_one_transaction(
-    redis_client, pg_conn, names, day, result, audit_base, logger, scope, *, lock_timeout, batch_size, scan_count
-) -> None:
+    redis_client, pg_conn, names, day, result, audit_base, logger, scope, progress, *, lock_timeout, batch_size,
+    scan_count,
+) -> None:  # fmt: skip
+    # Which life of which Redis server is read: noted before the day's transaction (in
+    # one of its own), checked again before commit, so a restart mid-run fails the run.
+    servers = read_incarnations(redis_client, result.redis_partition)
+    sources = register_incarnations(pg_conn, names, servers, lock_timeout)
     with DayWriter(
         pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout,
         partition=result.redis_partition,
@@ -167,22 +189,23 @@ def _aggregate_in_one_transaction(
             )
         )  # fmt: skip
         debug = logger.isEnabledFor(logging.DEBUG)
-        staged = 0
+
+        def merged(outcome: MergeResult) -> None:
+            _add_merge(result, outcome)
+            progress.rows_merged += outcome.rows_written + outcome.rows_unchanged
+            _add_bad_keys(writer, logger, result, outcome.refused)
+
         for batch in batches:
-            writer.stage_plain_rows(batch.plain_rows)
-            writer.stage(batch.counters)
-            result.new_bad_keys += writer.record_bad_keys(batch.bad_keys)
+            merged(writer.use_source(sources.get(batch.source, Source(None))))
+            refused = writer.stage_plain_rows(batch.plain_rows) + writer.stage(batch.counters)
             result.keys_found += len(batch.plain_rows) + len(batch.counters) + len(batch.bad_keys)
-            result.bad_keys += len(batch.bad_keys)
+            progress.keys_read = result.keys_found
             result.vanished_keys += batch.vanished
             if debug:
                 _log_counters(logger, batch)
-            for bad in batch.bad_keys:
-                _report_bad_key(logger, result, bad)
-            staged += len(batch.plain_rows) + len(batch.counters)
-            if staged >= MERGE_EVERY_ROWS:  # merge while the reader fetches the next batches
-                _add_merge(result, writer.merge())
-                staged = 0
+            _add_bad_keys(writer, logger, result, batch.bad_keys + refused)
+            if writer.staged >= MERGE_EVERY_ROWS:  # merge while the reader fetches the next batches
+                merged(writer.merge())
         logger.info("Found %d usage keys to process", result.keys_found)
         logger.debug("Keys found through %s", "the day's index" if result.discovery == "index" else "SCAN")
         if result.keys_found == 0:
@@ -191,17 +214,28 @@ def _aggregate_in_one_transaction(
                 result.usage_date,
                 scope,
             )
-        if staged or result.keys_found == 0:
-            _add_merge(result, writer.merge())
+        if writer.staged or result.keys_found == 0:
+            merged(writer.merge())
+        check_unchanged(redis_client, servers, result.redis_partition)
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
 
 
-def _add_merge(result: AggregationResult, merged) -> None:
+def _add_merge(result: AggregationResult, merged: MergeResult) -> None:
     result.rows_written += merged.rows_written
     result.rows_unchanged += merged.rows_unchanged
     result.decreases_refused += merged.decreases_refused
-    room = SAMPLE_LIMIT - len(result.refused_decrease_samples)
-    result.refused_decrease_samples.extend(merged.refused_samples[: max(room, 0)])
+    result.resets += merged.resets
+    room = SAMPLE_LIMIT - len(result.reset_samples)
+    result.reset_samples.extend(merged.reset_samples[: max(room, 0)])
+
+
+def _add_bad_keys(writer: DayWriter, logger, result: AggregationResult, bad_keys: list) -> None:
+    if not bad_keys:
+        return
+    result.new_bad_keys += writer.record_bad_keys(bad_keys)
+    result.bad_keys += len(bad_keys)
+    for bad in bad_keys:
+        _report_bad_key(logger, result, bad)
 
 
 def _log_counters(logger, batch) -> None:
@@ -211,22 +245,30 @@ def _log_counters(logger, batch) -> None:
         logger.debug("Key %s:%s = %d", counter.key.merchant_id, counter.key.metric_type, counter.quantity)
 
 
-def _audit_failure(pg_conn, names, result, audit_base, err, logger) -> None:
-    """Best effort: the date's transaction is rolled back, but the audit should show the attempt."""
+def _audit_failure(pg_conn, names, result, audit_base, err, progress: _Progress, logger) -> None:
+    """Best effort: the date's transaction is rolled back, but the audit should show the attempt.
+
+    It records what was committed (nothing) and, in ``error``, how far the run got.
+    """
+    error = (
+        f"{type(err).__name__}: {describe(err)} (rolled back after reading {progress.keys_read} keys "
+        f"and merging {progress.rows_merged} rows; nothing of this run was committed)"
+    )
     try:
         pg_conn.rollback()
-        record_failed_run(
-            pg_conn, names, {**audit_base, **_counts(result), "outcome": "failed", "error": f"{type(err).__name__}: {err}"[:1000]}
-        )
+        record_failed_run(pg_conn, names.runs.quoted, {**audit_base, **_counts(result), "error": error[:2000]})
     except Exception as audit_err:  # the connection itself may be what failed
-        logger.warning("Could not record the failed run in %s: %s", names.runs, audit_err)
+        logger.warning("Could not record the failed run in %s: %s", names.runs, describe(audit_err))
 
 
 def _counts(result: AggregationResult) -> dict:
     return {
         key: getattr(result, key)
-        for key in ("merchant_id", "keys_found", "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys")
-    }
+        for key in (
+            "merchant_id", "keys_found", "rows_written", "rows_unchanged", "decreases_refused", "resets", "bad_keys",
+            "new_bad_keys",
+        )
+    }  # fmt: skip
 
 
 def _report_bad_key(logger, result: AggregationResult, bad) -> None:

@@ -1,9 +1,16 @@
-"""Usage about to be lost: days with keys in Redis that were never aggregated.
+"""Usage about to be lost: counters about to expire from Redis whose value is not stored.
 
-One ``SCAN`` pass over ``usage:*`` tallies the days Redis holds (keys and the
-shortest TTL per day); the audit table says which of them have had a successful
-whole-day aggregation. Memory is bounded by the number of days held, not keys.
-This pass costs the whole keyspace, once per check.
+A counter is safe to lose from Redis only once its current value is in PostgreSQL:
+its row holds it (``quantity - redis_offset`` equals it), or, for a bad key, its dead
+letter holds that value. What earlier runs did does not matter (a key may have been
+written after the last run, or grown since, or never been read: no scheduled run
+reads days older than yesterday). So one ``SCAN`` pass over ``usage:*`` looks at every
+key's TTL, and every key with less than :data:`EXPIRY_WARNING` to live is compared
+with PostgreSQL, batch by batch (memory stays bounded by the batch, not the keyspace).
+
+A day with such unsaved keys is *rescued*: aggregated on the spot, under the day's
+lock, by whatever the caller passes as ``rescue``; then its keys are compared again.
+What is still unsaved after that is at risk, and the check fails (and alerts).
 
 The same pass keeps the day indexes honest: a key of an indexed day that is not in
 its index (written by another writer than ``usage_agg.tracking``) is added to it and
@@ -13,14 +20,18 @@ counted, so an aggregation that reads the index finds it at its next run.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import asdict, dataclass
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 
-from usage_agg.keys import KEY_PREFIX, BadKeyError, index_key, parse_key
+from usage_agg.dead_letters import key_text, pg_text
+from usage_agg.keys import KEY_PREFIX, BadKeyError, day_pattern, index_key, parse_key, parse_quantity
 from usage_agg.reconcile import EXPIRY_WARNING
-from usage_agg.sink import SchemaNames, missing_objects
-from usage_agg.source import DEFAULT_SCAN_COUNT
+from usage_agg.schema import SchemaNames, missing_objects, resolve_names
+from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW
 
 TTL_SAMPLE_BATCH = 1_000
+SAMPLE_LIMIT = 20
 
 
 @dataclass
@@ -28,10 +39,18 @@ class DayInRedis:
     usage_date: str
     keys: int
     min_ttl_seconds: int | None
+    #: a successful whole-day aggregation (or every part of one) is on record
     aggregated: bool = False
     indexed: bool = False
     #: keys found by SCAN that were missing from the day's index (now added to it)
     unindexed_keys: int = 0
+    #: keys with less than EXPIRY_WARNING to live
+    expiring_keys: int = 0
+    #: of those, keys whose current value is not in PostgreSQL (after a rescue, if any)
+    unsaved_keys: int = 0
+    unsaved_samples: list[dict] = field(default_factory=list)
+    #: aggregated by this check, because it had unsaved keys about to expire
+    rescued: bool = False
 
     @property
     def expiring(self) -> bool:
@@ -45,7 +64,12 @@ class ExpiryReport:
 
     @property
     def at_risk(self) -> list[DayInRedis]:
-        return [d for d in self.days if d.expiring and not d.aggregated]
+        """Days with keys about to expire whose value is not stored."""
+        return [d for d in self.days if d.unsaved_keys]
+
+    @property
+    def rescued(self) -> list[DayInRedis]:
+        return [d for d in self.days if d.rescued]
 
     @property
     def unindexed_keys(self) -> int:
@@ -61,13 +85,66 @@ class ExpiryReport:
         return {
             "days": [{**asdict(d), "expiring": d.expiring} for d in self.days],
             "at_risk": [d.usage_date for d in self.at_risk],
+            "rescued": [d.usage_date for d in self.rescued],
             "lag_days": self.lag_days,
             "unindexed_keys": self.unindexed_keys,
         }
 
 
-def days_in_redis(redis_client, *, scan_count: int = DEFAULT_SCAN_COUNT) -> dict[dt.date, DayInRedis]:
-    days: dict[dt.date, DayInRedis] = {}
+class _StoredValues:
+    """Compares keys about to expire with what PostgreSQL holds for them."""
+
+    def __init__(self, pg_conn, names: SchemaNames) -> None:
+        self.pg_conn = pg_conn
+        self.names = names
+        self.schema_exists = not {str(names.usage), str(names.errors)} & set(missing_objects(pg_conn, names))
+
+    def unsaved(self, raw_keys: list[bytes], values: list) -> list[int]:
+        """Indexes of the keys whose current value is neither in their row nor in their dead letter."""
+        if not raw_keys:
+            return []
+        if not self.schema_exists:
+            return list(range(len(raw_keys)))
+        merchants, metrics, days, quantities, digests, previews = [], [], [], [], [], []
+        for raw_key, value in zip(raw_keys, values):
+            try:
+                merchant, day, metric = parse_key(raw_key)
+            except BadKeyError:  # no row can hold it; its dead letter may
+                merchant = day = metric = None
+            merchants.append(merchant)
+            metrics.append(metric)
+            days.append(day)
+            try:
+                quantities.append(None if value is None else parse_quantity(value))
+            except BadKeyError:
+                quantities.append(None)
+            digests.append(hashlib.sha256(raw_key).digest())
+            previews.append(None if value is None else pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace")))
+        with self.pg_conn.cursor() as cur:
+            cur.execute(
+                f"""SELECT k.i - 1 FROM unnest(%s::text[], %s::text[], %s::date[], %s::bigint[], %s::bytea[], %s::text[])
+                        WITH ORDINALITY AS k(m, t, d, v, h, raw, i)
+                    WHERE NOT EXISTS (SELECT 1 FROM {self.names.usage.quoted} u
+                                      WHERE u.merchant_id = k.m AND u.usage_date = k.d AND u.metric_type = k.t
+                                        AND u.quantity - u.redis_offset = k.v)
+                      AND NOT EXISTS (SELECT 1 FROM {self.names.errors.quoted} e
+                                      WHERE e.key_sha256 = k.h AND e.raw_value IS NOT DISTINCT FROM k.raw)""",
+                (merchants, metrics, days, quantities, digests, previews),
+            )
+            unsaved = [int(i) for (i,) in cur.fetchall()]
+        self.pg_conn.rollback()
+        return unsaved
+
+
+def _bytes(value) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
+
+
+def _scan_days(
+    redis_client, stored: _StoredValues, days: dict[dt.date, DayInRedis], *, pattern: str, scan_count: int,
+    only_day: dt.date | None = None,
+) -> None:  # fmt: skip
+    """One SCAN pass: tally keys and TTLs per day, repair indexes, compare expiring keys."""
     pending: list[tuple[bytes, dt.date]] = []
 
     def flush() -> None:
@@ -75,51 +152,113 @@ def days_in_redis(redis_client, *, scan_count: int = DEFAULT_SCAN_COUNT) -> dict
         for key, day in pending:
             pipe.ttl(key)
             pipe.sismember(index_key(day), key)
-        replies = pipe.execute()
+        replies = pipe.execute(raise_on_error=False)
         repair = redis_client.pipeline(transaction=False)
+        expiring: list[tuple[bytes, dt.date, int]] = []
         for (key, day), ttl, in_index in zip(pending, replies[0::2], replies[1::2]):
             entry = days[day]
-            if ttl is not None and ttl >= 0:
+            if isinstance(ttl, int) and ttl >= 0:  # -1: no expiry, -2: gone
                 entry.min_ttl_seconds = ttl if entry.min_ttl_seconds is None else min(entry.min_ttl_seconds, ttl)
+                if ttl < EXPIRY_WARNING.total_seconds():
+                    entry.expiring_keys += 1
+                    expiring.append((key, day, ttl))
             if entry.indexed and not in_index:
                 entry.unindexed_keys += 1
                 repair.sadd(index_key(day), key)
         if len(repair):
-            repair.execute()
+            repair.execute(raise_on_error=False)
+        if expiring:
+            keys = [key for key, _, _ in expiring]
+            values = redis_client.mget_nonatomic(keys) if hasattr(redis_client, "mget_nonatomic") else redis_client.mget(keys)
+            # nil: gone since (nothing left to lose), or another Redis type (a bad key)
+            present = [i for i, value in enumerate(values) if value is not None or redis_client.exists(keys[i])]
+            for i in stored.unsaved([keys[i] for i in present], [values[i] for i in present]):
+                key, day, ttl = expiring[present[i]]
+                entry = days[day]
+                entry.unsaved_keys += 1
+                if len(entry.unsaved_samples) < SAMPLE_LIMIT:
+                    entry.unsaved_samples.append({"key": key_text(key), "ttl_seconds": ttl})
         pending.clear()
 
-    for raw_key in redis_client.scan_iter(match=f"{KEY_PREFIX}*", count=scan_count):
+    for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
+        raw_key = _bytes(raw_key)
         try:
             day = parse_key(raw_key).usage_date
         except BadKeyError:
-            continue  # reported by the aggregation of its day, if it is one
+            day = _day_of_bad_key(raw_key)
+            if day is None:
+                continue  # no day to file it under; the aggregation of its day, if any, reports it
+        if only_day is not None and day != only_day:
+            continue
         if day not in days:
-            days[day] = DayInRedis(day.isoformat(), 0, None, indexed=bool(redis_client.exists(index_key(day))))
+            days[day] = DayInRedis(day.isoformat(), 0, None, indexed=redis_client.type(index_key(day)) in (b"set", "set"))
         days[day].keys += 1
         pending.append((raw_key, day))
         if len(pending) >= TTL_SAMPLE_BATCH:
             flush()
     if pending:
         flush()
-    return days
 
 
-def check_expiry(redis_client, pg_conn, *, table: str = "merchant_usage", today: dt.date | None = None) -> ExpiryReport:
+def _day_of_bad_key(raw_key: bytes) -> dt.date | None:
+    """The date a bad key is filed under (its dead letter's date), when it has one."""
+    parts = raw_key.rsplit(b":", 2)
+    if len(parts) != 3:
+        return None
+    try:
+        return dt.date.fromisoformat(parts[1].decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def check_expiry(
+    redis_client,
+    pg_conn,
+    *,
+    table: str = "merchant_usage",
+    today: dt.date | None = None,
+    rescue: Callable[[dt.date], object] | None = None,
+    scan_count: int = DEFAULT_SCAN_COUNT,
+) -> ExpiryReport:
+    """Find every counter about to expire whose value is not stored; rescue its day if asked.
+
+    :param rescue: called with each date that has such counters (for example
+        ``lambda day: aggregate_day(redis, pg, day, ...)``); its counters are compared
+        again afterwards. A rescue that raises leaves its day at risk.
+    """
     today = today or dt.datetime.now(dt.timezone.utc).date()
-    days = days_in_redis(redis_client)
-    names = SchemaNames.for_table(table)
-    if days and str(names.runs) not in missing_objects(pg_conn, names):
-        with pg_conn.cursor() as cur:
-            cur.execute(
-                # A whole-day run, or every part of one fanned-out run.
-                f"""SELECT DISTINCT usage_date FROM {names.runs.quoted}
-                    WHERE usage_table = %s AND merchant_id IS NULL AND outcome <> 'failed'
-                      AND usage_date = ANY(%s::date[])
-                    GROUP BY usage_date, run_id, partition_count
-                    HAVING partition_count IS NULL OR count(DISTINCT redis_partition) >= partition_count""",
-                (str(names.usage), list(days)),
-            )
-            for (day,) in cur.fetchall():
-                days[day].aggregated = True
-        pg_conn.rollback()
+    names = resolve_names(pg_conn, table)
+    stored = _StoredValues(pg_conn, names)
+    days: dict[dt.date, DayInRedis] = {}
+    _scan_days(redis_client, stored, days, pattern=f"{KEY_PREFIX}*", scan_count=scan_count)
+    at_risk = sorted(d for d, entry in days.items() if entry.unsaved_keys)
+    for day in at_risk if rescue is not None else ():
+        try:
+            rescue(day)
+        except Exception:  # the rescue reports its own failure; the day stays at risk below
+            pass
+        days[day] = DayInRedis(day.isoformat(), 0, None, indexed=days[day].indexed, rescued=True)
+        stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
+        _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
+    _note_aggregated(pg_conn, names, days)
     return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today)
+
+
+def _note_aggregated(pg_conn, names: SchemaNames, days: dict[dt.date, DayInRedis]) -> None:
+    """Mark the days with a successful whole-day run on record (for the lag metric)."""
+    if not days or str(names.runs) in missing_objects(pg_conn, names):
+        return
+    with pg_conn.cursor() as cur:
+        cur.execute(
+            # A whole-day run, or every part of one fanned-out run.
+            f"""SELECT DISTINCT usage_date FROM {names.runs.quoted}
+                WHERE usage_table = ANY(%s) AND merchant_id IS NULL AND outcome <> 'failed'
+                  AND usage_date = ANY(%s::date[])
+                GROUP BY usage_date, run_id, partition_count
+                HAVING partition_count IS NULL OR count(DISTINCT redis_partition) >= partition_count""",
+            (names.audit_names, list(days)),
+        )
+        for (day,) in cur.fetchall():
+            days[day].aggregated = True
+    pg_conn.rollback()
+

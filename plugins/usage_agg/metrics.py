@@ -25,7 +25,7 @@ def emit_aggregation(result, *, dag_id: str | None) -> None:
     tags = {"dag_id": dag_id or "none", "table": result.table}
     try:
         stats = _stats()
-        for name in ("keys_found", "rows_written", "rows_unchanged", "bad_keys", "decreases_refused"):
+        for name in ("keys_found", "rows_written", "rows_unchanged", "bad_keys", "decreases_refused", "resets"):
             stats.incr(f"{PREFIX}.{name}", getattr(result, name), tags=tags)
         stats.timing(f"{PREFIX}.duration", dt.timedelta(seconds=result.duration_seconds), tags=tags)
     except Exception:  # metrics are never worth a failed aggregation

@@ -29,7 +29,9 @@ class RedisUsageToPostgresOperator(BaseOperator):
     Redis keys ``usage:{merchant_id}:{YYYY-MM-DD}:{metric_type}`` hold each day's
     running total; the table takes that absolute value, so reruns never double
     count. Stored totals are never zeroed or deleted, and never lowered unless
-    ``allow_decrease`` is set. Each date is written in one transaction.
+    ``allow_decrease`` is set: a counter that Redis lost (a restart, failover, restore
+    or eviction) is a *reset*, which keeps what was counted and adds what is counted
+    after it, and alerts. Each date is written in one transaction.
 
     Bad keys (unparseable, not a non-negative bigint, not a string) never block good
     ones: good keys are committed, bad ones are logged and recorded as dead letters.
@@ -41,7 +43,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
     :param day_offset: days added to the resolved date; ``-1`` aggregates the day before.
     :param merchant_id: aggregate this merchant only; ``None`` for every merchant (templated)
     :param table: target table, ``name`` or ``schema.name`` (templated)
-    :param allow_decrease: let a lower Redis value lower a stored total (templated)
+    :param allow_decrease: Redis is the truth: set each row to its Redis value, even lower,
+        and forget what earlier resets kept (templated)
     :param redis_conn_id: Airflow connection to Redis (templated)
     :param postgres_conn_id: Airflow connection to PostgreSQL (templated)
     :param batch_size: keys read per pipelined round trip and staged per ``COPY``
@@ -231,9 +234,11 @@ class UsageExpiryCheckOperator(BaseOperator):
     """
     Fail (and so alert) when usage in Redis is about to expire without ever being aggregated.
 
-    Scans the days Redis holds, compares them with the audit table's successful
-    whole-day runs, emits the ``usage_agg.unaggregated_lag_days`` gauge, and fails
-    without retries if a never-aggregated day has less than a day of TTL left.
+    Scans every counter in Redis; any with less than a day to live whose current value
+    is not in PostgreSQL (whatever earlier runs did) gets its day aggregated on the
+    spot, under the day's lock. Fails without retries (and so alerts) if such a counter
+    is still not stored after that, or the rescue met new bad keys. Emits the
+    ``usage_agg.unaggregated_lag_days`` and ``days_expiring_unaggregated`` gauges.
 
     :param table: the usage table whose audit table is read (templated)
     :param redis_conn_id: Airflow connection to Redis (templated)
@@ -268,8 +273,25 @@ class UsageExpiryCheckOperator(BaseOperator):
             )
         redis_client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
         pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
+        ti = context["ti"]
+        rescues: list[dict] = []
+
+        def rescue(day: dt.date) -> None:
+            """Aggregate a day whose expiring counters are not stored, under its lock, as a run would."""
+            self.log.warning("Counters of %s expire within a day and are not stored: aggregating %s now", day, day)
+            try:
+                result = aggregate_day(
+                    redis_client, pg_conn, day, table=self.table, logger=self.log,
+                    audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
+                )  # fmt: skip
+            except Exception as err:
+                self.log.error("Could not aggregate %s to save its expiring usage: %s", day, err)
+                raise
+            metrics.emit_aggregation(result, dag_id=ti.dag_id)
+            rescues.append(result.to_dict())
+
         try:
-            report = check_expiry(redis_client, pg_conn, table=self.table)
+            report = check_expiry(redis_client, pg_conn, table=self.table, rescue=rescue)
         finally:
             pg_conn.close()
         metrics.emit_lag(report.lag_days, len(report.at_risk), table=self.table)
@@ -280,17 +302,27 @@ class UsageExpiryCheckOperator(BaseOperator):
                 report.unindexed_keys,
             )
         self.log.info(
-            "Redis holds %d day(s) of usage; oldest not yet aggregated: %d day(s) ago",
+            "Redis holds %d day(s) of usage; oldest not yet aggregated: %d day(s) ago; rescued: %s",
             len(report.days),
             report.lag_days,
+            ", ".join(d.usage_date for d in report.rescued) or "none",
         )
         if report.at_risk:
-            days = ", ".join(f"{d.usage_date} ({d.keys} keys, TTL {d.min_ttl_seconds} s)" for d in report.at_risk)
-            raise AirflowFailException(
-                f"Usage about to be lost: never aggregated and expiring within a day: {days}. "
-                "Backfill usage_aggregation over these dates now."
+            days = "; ".join(
+                f"{d.usage_date}: {d.unsaved_keys} key(s), e.g. {d.unsaved_samples[:3]}" for d in report.at_risk
             )
-        return report.to_dict()
+            raise AirflowFailException(
+                f"Usage about to be lost: counters expiring within a day whose value is not in PostgreSQL, "
+                f"even after aggregating their day: {days}. See the log above for why."
+            )
+        new_bad = sum(r["new_bad_keys"] for r in rescues)
+        if new_bad:
+            raise AirflowFailException(
+                f"{new_bad} new bad key(s) found while saving expiring usage of "
+                f"{', '.join(r['usage_date'] for r in rescues if r['new_bad_keys'])}; good keys were committed, "
+                "bad ones are in usage_aggregation_errors. Not retrying: bad data is not transient."
+            )
+        return {**report.to_dict(), "rescues": rescues}
 
 
 def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_offset: int = 0) -> dt.date:

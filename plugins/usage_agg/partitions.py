@@ -17,8 +17,13 @@ def redis_partitions(client) -> list[str]:
     """The parts of the keyspace: every primary of a cluster, or the single node itself."""
     if is_cluster(client):
         return sorted(node.name for node in client.get_primaries())
+    return [node_address(client)]
+
+
+def node_address(client) -> str:
+    """A single-node client's server as ``host:port``, as redis-py names cluster nodes."""
     kwargs = client.connection_pool.connection_kwargs
-    return [f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"]
+    return f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
 
 
 def partition_node(client, partition: str | None):

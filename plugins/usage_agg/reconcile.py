@@ -1,5 +1,9 @@
 """Reconciling one date: what Redis holds against what PostgreSQL stored.
 
+A row is in sync when Redis holds the value it was last read at: ``quantity =
+redis_offset + Redis value`` (the offset holds what was counted before a reset, see
+:mod:`usage_agg.sink`).
+
 Plain Python on a redis-py client and a DB-API connection (the ``usage-agg status``
 command runs it through Airflow's connections). Redis is read batch by batch with the
 same reader as the aggregation, and each batch is compared with its rows, so memory
@@ -13,7 +17,7 @@ from collections import Counter as Tally
 from dataclasses import asdict, dataclass, field
 
 from usage_agg.keys import build_key, parse_date
-from usage_agg.sink import SchemaNames, missing_objects
+from usage_agg.schema import SchemaNames, missing_objects, resolve_names
 from usage_agg.source import DEFAULT_BATCH_SIZE, read_day
 
 #: A key with less time to live than this, never aggregated, is usage about to be lost.
@@ -62,7 +66,7 @@ def reconcile_date(
 ) -> DateStatus:  # fmt: skip
     """Compare one date (optionally one merchant) between Redis and the table."""
     day = parse_date(usage_date)
-    names = SchemaNames.for_table(table)
+    names = resolve_names(pg_conn, table)
     status = DateStatus(usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage))
     missing_tables = set(missing_objects(pg_conn, names)) & {str(names.usage), str(names.errors), str(names.runs)}
     status.schema_exists = not missing_tables
@@ -76,15 +80,15 @@ def reconcile_date(
             for counter in batch.counters:
                 key = counter.key
                 redis_totals[key.metric_type] += counter.quantity
-                value = stored.get((key.merchant_id, key.metric_type))
-                if value is None:
+                row = stored.get((key.merchant_id, key.metric_type))
+                if row is None:
                     missing.append(key)
-                elif value != counter.quantity:
+                elif row[0] - row[1] != counter.quantity:
                     status.differing_rows += 1
                     if len(status.differences) < SAMPLE_LIMIT:
                         status.differences.append(
                             {"merchant_id": key.merchant_id, "metric_type": key.metric_type,
-                             "redis": counter.quantity, "stored": value}
+                             "redis": counter.quantity, "stored": row[0], "offset": row[1]}
                         )  # fmt: skip
             _note_missing(redis_client, status, missing, day)
         if status.schema_exists:
@@ -94,17 +98,18 @@ def reconcile_date(
     return status
 
 
-def _stored_rows(cur, names: SchemaNames, day: dt.date, counters) -> dict[tuple[str, str], int]:
+def _stored_rows(cur, names: SchemaNames, day: dt.date, counters) -> dict[tuple[str, str], tuple[int, int]]:
+    """``(quantity, redis_offset)`` of the stored rows of these counters."""
     if not counters:
         return {}
     cur.execute(
-        f"""SELECT t.merchant_id, t.metric_type, t.quantity FROM {names.usage.quoted} t
+        f"""SELECT t.merchant_id, t.metric_type, t.quantity, t.redis_offset FROM {names.usage.quoted} t
             JOIN unnest(%s::text[], %s::text[]) AS k(merchant_id, metric_type)
               ON t.merchant_id = k.merchant_id AND t.metric_type = k.metric_type
             WHERE t.usage_date = %s""",
         ([c.key.merchant_id for c in counters], [c.key.metric_type for c in counters], day),
     )
-    return {(m, t): int(q) for m, t, q in cur.fetchall()}
+    return {(m, t): (int(q), int(o)) for m, t, q, o in cur.fetchall()}
 
 
 def _note_missing(redis_client, status: DateStatus, missing, day: dt.date) -> None:
@@ -139,9 +144,9 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
     run_filter = "merchant_id IS NULL" if merchant_id is None else "(merchant_id IS NULL OR merchant_id = %(merchant)s)"
     cur.execute(
         f"""SELECT dag_id, run_id, task_id, merchant_id, finished_at FROM {names.runs.quoted}
-            WHERE usage_table = %(table)s AND usage_date = %(day)s AND outcome <> 'failed' AND {run_filter}
+            WHERE usage_table = ANY(%(tables)s) AND usage_date = %(day)s AND outcome <> 'failed' AND {run_filter}
             ORDER BY finished_at DESC LIMIT 1""",
-        {**params, "table": str(names.usage)},
+        {**params, "tables": names.audit_names},
     )
     row = cur.fetchone()
     if row:
@@ -149,8 +154,15 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
             "dag_id": row[0], "run_id": row[1], "task_id": row[2], "merchant_id": row[3],
             "finished_at": row[4].isoformat(),
         }  # fmt: skip
-    key_filter = "" if merchant_id is None else " AND redis_key LIKE %(key_prefix)s ESCAPE '\\'"
-    params["key_prefix"] = _like_escape(f"usage:{merchant_id}:{day.isoformat()}:") + "%"
+    # One merchant's letters: its key prefix, then a metric type (which holds no ':'), on the raw bytes.
+    key_filter = (
+        ""
+        if merchant_id is None
+        else " AND substring(raw_key FOR %(prefix_length)s) = %(prefix)s"
+        " AND position('\\x3a'::bytea IN substring(raw_key FROM %(prefix_length)s + 1)) = 0"
+    )
+    prefix = f"usage:{merchant_id}:{day.isoformat()}:".encode("utf-8", "surrogateescape")
+    params.update(prefix=prefix, prefix_length=len(prefix))
     cur.execute(
         f"""SELECT redis_key, reason, times_seen, last_seen, count(*) OVER () FROM {names.errors.quoted}
             WHERE usage_date = %(day)s AND resolved_at IS NULL{key_filter}
@@ -163,6 +175,3 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
             {"key": key, "reason": reason, "times_seen": int(seen), "last_seen": last_seen.isoformat()}
         )
 
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

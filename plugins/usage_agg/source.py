@@ -9,7 +9,7 @@ size, not by how many keys the day holds.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,13 +25,15 @@ from usage_agg.keys import (
     parse_quantity,
     split_keys_of_day,
 )
-from usage_agg.partitions import partition_node
+from usage_agg.partitions import is_cluster, node_address, partition_node
 
 DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
 DEFAULT_SCAN_COUNT = 1_000
 #: How much of a bad value is kept for the dead-letter record and the log.
 RAW_VALUE_PREVIEW = 200
+#: How much of a bad key a log line shows.
+KEY_TEXT_PREVIEW = 300
 
 
 class Counter(NamedTuple):
@@ -49,7 +51,9 @@ class BadKey:
 
     @property
     def key_text(self) -> str:
-        return self.raw_key.decode("utf-8", "backslashreplace")
+        """The key for a log line: invalid UTF-8 backslash-escaped, a very long key shortened."""
+        text = self.raw_key[:KEY_TEXT_PREVIEW].decode("utf-8", "backslashreplace")
+        return text if len(self.raw_key) <= KEY_TEXT_PREVIEW else f"{text}... ({len(self.raw_key)} bytes)"
 
 
 @dataclass
@@ -63,19 +67,39 @@ class Batch:
     foreign: int = 0
     #: keys that expired or were deleted between SCAN and GET
     vanished: int = 0
+    #: the Redis server the batch was read from (``host:port``; a cluster's primary)
+    source: str | None = None
 
 
-def discovery_method(client, usage_date: dt.date, discovery: str = "auto") -> str:
+def discovery_method(
+    client,
+    usage_date: dt.date,
+    discovery: str = "auto",
+    merchant_id: str | None = None,
+    *,
+    warn: Callable[[str], None] = lambda message: None,
+) -> str:
     """How a day's keys are found: ``"index"`` (the day's index set) or ``"scan"``.
 
     ``auto`` reads the index when the day has one (the tracking helper writes it) and
-    scans the keyspace otherwise, for days written by other writers.
+    scans the keyspace otherwise, for days written by other writers. A merchant rerun
+    always scans: it is a manual repair and must see every key of that merchant,
+    however it was written. An index key of another Redis type is not an index:
+    ``warn`` names it, and the day is scanned.
     """
     if discovery not in DISCOVERY_MODES:
         raise ValueError(f"discovery: must be one of {', '.join(DISCOVERY_MODES)}, got {discovery!r}")
-    if discovery == "auto":
-        return "index" if client.exists(index_key(usage_date)) else "scan"
-    return discovery
+    if discovery == "scan" or (discovery == "auto" and merchant_id is not None):
+        return "scan"
+    day_index = index_key(usage_date)
+    kind = _as_bytes(client.type(day_index)).decode("ascii", "replace")
+    if kind == "set":
+        return "index"
+    if kind != "none":
+        warn(f"{day_index} holds a Redis {kind}, not the day's index set; reading {usage_date} with SCAN instead")
+    elif discovery == "index":
+        warn(f"{day_index} does not exist; reading {usage_date} with SCAN instead")
+    return "scan"
 
 
 def read_day(
@@ -95,7 +119,8 @@ def read_day(
         over the day's index set); see :func:`discovery_method`.
     :param partition: on Redis Cluster, read only the keys served by this primary
         (``host:port``, see :func:`usage_agg.partitions.redis_partitions`); a single
-        node is one partition, itself.
+        node is one partition, itself. Without it a cluster is read primary by primary,
+        so each batch comes from one server (:attr:`Batch.source`).
     :param bulk: return well-formed batches as :attr:`Batch.plain_rows` instead of
         :class:`Counter` objects: the aggregation's fast path for a whole day.
     """
@@ -103,6 +128,13 @@ def read_day(
         raise ValueError("batch_size and scan_count must be positive")
     if method not in ("index", "scan"):
         raise ValueError(f"method: must be 'index' or 'scan', got {method!r}")
+    if is_cluster(client) and partition is None:  # every primary, one after the other
+        for name in sorted(node.name for node in client.get_primaries()):
+            yield from read_day(
+                client, usage_date, merchant_id, batch_size=batch_size, scan_count=scan_count, method=method,
+                partition=name, bulk=bulk,
+            )  # fmt: skip
+        return
     pattern = day_pattern(usage_date, merchant_id)
     node = partition_node(client, partition)
     if method == "index":
@@ -113,15 +145,21 @@ def read_day(
         keys = client.scan_iter(match=pattern, count=scan_count, target_nodes=node)
     else:
         keys = client.scan_iter(match=pattern, count=scan_count)
+    source = node.name if node is not None else node_address(client)
     read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
     pending: list[bytes] = []
     for raw_key in keys:
         pending.append(_as_bytes(raw_key))
         if len(pending) >= batch_size:
-            yield read(client, pending, usage_date, merchant_id)
+            yield _from(source, read(client, pending, usage_date, merchant_id))
             pending = []
     if pending:
-        yield read(client, pending, usage_date, merchant_id)
+        yield _from(source, read(client, pending, usage_date, merchant_id))
+
+
+def _from(source: str, batch: Batch) -> Batch:
+    batch.source = source
+    return batch
 
 
 def _as_bytes(value: bytes | str) -> bytes:

@@ -68,28 +68,47 @@ def test_expired_keys_leave_stored_rows_alone(redis_client, pg_conn, table, quer
     assert "No usage keys in Redis for 2025-11-01" in caplog.text
 
 
-def test_a_lower_redis_value_is_refused_unless_allowed(redis_client, pg_conn, table, query):
+def stored_rows(query, table, day=DAY):
+    """``(merchant, metric) -> (quantity, redis_offset)``."""
+    return {
+        (m, t): (q, o)
+        for m, t, q, o in query(
+            f"SELECT merchant_id, metric_type, quantity, redis_offset FROM {table} WHERE usage_date = %s", (day,)
+        )
+    }
+
+
+def test_a_lower_redis_value_is_a_reset_that_keeps_what_was_counted(redis_client, pg_conn, table, query):
     seed(redis_client, {("acme", "queries"): 100, ("acme", "storage"): 5})
     aggregate_day(redis_client, pg_conn, DAY, table=table)
-    redis_client.set(build_key("acme", DAY, "queries"), 60)  # Redis restarted and counted again
+    redis_client.set(build_key("acme", DAY, "queries"), 60)  # lowered in place: evicted and recounted, or SET
 
-    refused = aggregate_day(redis_client, pg_conn, DAY, table=table)
-    assert refused.decreases_refused == 1
-    assert refused.refused_decrease_samples == [
-        {"merchant_id": "acme", "metric_type": "queries", "stored": 100, "redis": 60}
-    ]
-    assert rows(query, table)[("acme", "queries")] == 100
+    reset = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (reset.resets, reset.decreases_refused, reset.rows_written) == (1, 1, 1)
+    assert reset.reset_samples == [
+        {"merchant_id": "acme", "metric_type": "queries", "reset": "drop", "stored": 100, "last_read": 100,
+         "redis": 60, "quantity": 100}
+    ]  # fmt: skip
+    assert stored_rows(query, table)[("acme", "queries")] == (100, 40)
 
-    allowed = aggregate_day(redis_client, pg_conn, DAY, table=table, allow_decrease=True)
-    assert (allowed.decreases_refused, allowed.rows_written) == (0, 1)
-    assert rows(query, table) == {("acme", "queries"): 60, ("acme", "storage"): 5}
+    redis_client.incrby(build_key("acme", DAY, "queries"), 15)  # growth after the reset counts
+    grown = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (grown.resets, grown.rows_written, grown.rows_unchanged) == (0, 1, 1)
+    assert stored_rows(query, table) == {("acme", "queries"): (115, 40), ("acme", "storage"): (5, 0)}
+    again = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (again.resets, again.rows_written, again.rows_unchanged) == (0, 0, 2)
+
+    allowed = aggregate_day(redis_client, pg_conn, DAY, table=table, allow_decrease=True)  # Redis is the truth
+    assert (allowed.resets, allowed.decreases_refused, allowed.rows_written) == (0, 0, 1)
+    assert stored_rows(query, table) == {("acme", "queries"): (75, 0), ("acme", "storage"): (5, 0)}
 
 
-class FailingAfterFirstBatch:
-    """A real Redis client whose connection drops after the first batch was read."""
+class FailingAfterBatches:
+    """A real Redis client whose connection drops after ``good`` batches were read."""
 
-    def __init__(self, client):
+    def __init__(self, client, good: int = 1):
         self.client = client
+        self.good = good
         self.batches = 0
 
     def __getattr__(self, name):  # everything else is the real client's
@@ -97,25 +116,43 @@ class FailingAfterFirstBatch:
 
     def mget(self, keys):  # one MGET per batch
         self.batches += 1
-        if self.batches > 1:
+        if self.batches > self.good:
             raise redis.ConnectionError("Connection reset by peer (injected)")
         return self.client.mget(keys)
 
 
-def test_a_run_failing_part_way_leaves_the_date_as_it_was(redis_client, pg_conn, table, query):
+@pytest.mark.parametrize(("merge_every", "merged_chunks"), [(10**9, 0), (10, 3)], ids=["no-merge-yet", "three-merges"])
+def test_a_run_failing_part_way_leaves_the_date_as_it_was(
+    redis_client, pg_conn, table, pg_schema, query, monkeypatch, merge_every, merged_chunks
+):
+    import usage_agg.aggregate as aggregate_module
+
     seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(50)})
     aggregate_day(redis_client, pg_conn, DAY, table=table)
-    before = rows(query, table)
+    before = stored_rows(query, table)
     seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(60)})  # 50 grow, 10 new
+    redis_client.set(build_key("m000", DAY, "queries"), 0)  # and one reset, merged in the first chunk
 
+    monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", merge_every)  # 10: a merge after every batch
+    failing = FailingAfterBatches(redis_client, good=max(merged_chunks, 1))
     with pytest.raises(redis.ConnectionError):
-        aggregate_day(FailingAfterFirstBatch(redis_client), pg_conn, DAY, table=table, batch_size=10)
-    assert rows(query, table) == before
-    outcomes = query(f"SELECT outcome, error FROM {table.rsplit('.', 1)[0]}.usage_aggregation_runs ORDER BY id")
-    assert outcomes == [("success", None), ("failed", "ConnectionError: Connection reset by peer (injected)")]
+        aggregate_day(failing, pg_conn, DAY, table=table, batch_size=10, discovery="scan")
+    assert stored_rows(query, table) == before  # the merged chunks were rolled back with the rest
+    audit = query(
+        f"SELECT outcome, rows_written, rows_unchanged, resets, error FROM {pg_schema}.usage_aggregation_runs ORDER BY id"
+    )
+    assert audit[0][0] == "success"
+    assert audit[1][:4] == ("failed", 0, 0, 0)  # what was committed: nothing
+    merged = 10 * merged_chunks
+    assert audit[1][4] == (
+        f"ConnectionError: Connection reset by peer (injected) (rolled back after reading {10 * max(merged_chunks, 1)} "
+        f"keys and merging {merged} rows; nothing of this run was committed)"
+    )
 
     aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
-    assert rows(query, table) == {(f"m{i:03d}", "queries"): (2 if i < 50 else 1) for i in range(60)}
+    expected = {(f"m{i:03d}", "queries"): (2 if i < 50 else 1) for i in range(60)}
+    expected[("m000", "queries")] = 1  # a drop keeps what was counted
+    assert rows(query, table) == expected
 
 
 MERCHANTS = ["a", "a*", "ab", "a?c", "a[b]c", "[ab]", "a\\*", "a\\", "x:y", "x:2025-11-01:y", "^a", "a-b", "*"]
@@ -242,6 +279,9 @@ def test_schema_matches_the_contract(redis_client, pg_conn, table, pg_schema, qu
         "quantity": "bigint",
         "created_at": "timestamp with time zone",
         "updated_at": "timestamp with time zone",
+        # what was counted before a reset, and the Redis life the last value came from
+        "redis_offset": "bigint",
+        "redis_incarnation": "integer",
     }
     pk = query(
         """SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
@@ -308,7 +348,7 @@ def test_an_older_schema_is_upgraded_by_the_next_run(redis_client, pg_conn, tabl
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = %s AND column_name = 'error'",
         (pg_schema, "usage_aggregation_runs"),
     ) == [(1,)]
-    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 3",)]
+    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 4",)]
     assert rows(query, table) == {("acme", "queries"): 1}
 
 
@@ -324,18 +364,18 @@ def test_merging_in_chunks_gives_the_same_result_as_one_merge(redis_client, pg_c
     for label, every in (("one", 10**9), ("chunked", 3)):
         table = tables[label] = f"{pg_schema}.{label}"
         aggregate_day(redis_client, pg_conn, "2025-11-01", table=table, discovery="scan")
-        # stored totals above Redis for two merchants: refused decreases, in any chunk
+        # stored totals above Redis for two merchants: resets (drops), in any chunk
         query(f"UPDATE {table} SET quantity = quantity + 100 WHERE merchant_id IN ('m03', 'm09') RETURNING 1")
         track(redis_client, "m05", "queries", 1, usage_date="2025-11-01")  # grew since
         monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", every)
         results[label] = aggregate_day(redis_client, pg_conn, "2025-11-01", table=table, batch_size=2, discovery="scan")
         redis_client.decrby("usage:m05:2025-11-01:queries", 1)
     one, chunked = results["one"], results["chunked"]
-    for field in ("keys_found", "rows_written", "rows_unchanged", "decreases_refused", "bad_keys", "new_bad_keys"):
+    for field in ("keys_found", "rows_written", "rows_unchanged", "decreases_refused", "resets", "bad_keys", "new_bad_keys"):
         assert getattr(chunked, field) == getattr(one, field), field
-    assert (chunked.rows_written, chunked.decreases_refused, chunked.rows_unchanged) == (1, 2, 9)
-    assert sorted(chunked.refused_decrease_samples, key=str) == sorted(one.refused_decrease_samples, key=str)
-    rows = "SELECT merchant_id, metric_type, quantity FROM {} ORDER BY 1"
+    assert (chunked.rows_written, chunked.decreases_refused, chunked.resets, chunked.rows_unchanged) == (3, 2, 2, 9)
+    assert sorted(chunked.reset_samples, key=str) == sorted(one.reset_samples, key=str)
+    rows = "SELECT merchant_id, metric_type, quantity, redis_offset FROM {} ORDER BY 1"
     assert query(rows.format(tables["chunked"])) == query(rows.format(tables["one"]))
 
 

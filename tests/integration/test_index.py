@@ -49,12 +49,31 @@ def test_the_index_gives_the_same_rows_as_scan(redis_client, pg_conn, table, que
 
 
 @pytest.mark.parametrize("merchant", MERCHANTS)
-def test_a_merchant_rerun_through_the_index_reads_that_merchant_alone(redis_client, pg_conn, table, query, merchant):
+def test_a_merchant_rerun_on_an_indexed_day_finds_every_key_of_that_merchant(
+    redis_client, pg_conn, table, query, merchant
+):
+    """A manual repair must see keys however they were written: the index misses plain INCRBYs."""
     for m in MERCHANTS:
         track_usage(redis_client, m, "queries", 1, usage_date=DAY)
+    redis_client.incrby(build_key(merchant, DAY, "storage"), 5)  # another application's writer: not indexed
+    assert discovery_method(redis_client, dt.date(2025, 11, 1)) == "index"
     result = aggregate_day(redis_client, pg_conn, DAY, table=table, merchant_id=merchant)
-    assert (result.discovery, result.keys_found) == ("index", 1)
-    assert stored(query, table) == {(merchant, "queries"): 1}
+    assert (result.discovery, result.keys_found) == ("scan", 2)
+    assert stored(query, table) == {(merchant, "queries"): 1, (merchant, "storage"): 5}
+
+
+@pytest.mark.parametrize("kind", ["string", "hash", "list"])
+def test_an_index_key_of_another_type_is_named_and_the_day_scanned(redis_client, pg_conn, table, query, caplog, kind):
+    track_usage(redis_client, "acme", "queries", 3, usage_date=DAY, index=False)
+    {"string": lambda k: redis_client.set(k, "x"), "hash": lambda k: redis_client.hset(k, "f", "v"),
+     "list": lambda k: redis_client.rpush(k, "v")}[kind](index_key(DAY))  # fmt: skip
+    for discovery in ("auto", "index"):
+        with caplog.at_level("WARNING", logger="usage_agg"):
+            result = aggregate_day(redis_client, pg_conn, DAY, table=table, discovery=discovery)
+        assert result.discovery == "scan" and result.keys_found == 1
+        assert f"usage-index:2025-11-01 holds a Redis {kind}, not the day's index set" in caplog.text
+        caplog.clear()
+    assert stored(query, table) == {("acme", "queries"): 3}
 
 
 def test_a_day_without_index_is_scanned(redis_client, pg_conn, table, query):

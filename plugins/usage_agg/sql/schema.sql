@@ -1,7 +1,8 @@
 -- usage-agg schema. Idempotent: applied under an advisory lock whenever the usage table's
 -- comment does not name the current schema version (see sink.SCHEMA_VERSION), so every
 -- later change is written here as an idempotent statement (ADD COLUMN IF NOT EXISTS, ...).
--- {usage_table}, {errors_table}, {runs_table} and the index names are validated, quoted identifiers.
+-- {usage_table}, {errors_table}, {runs_table}, {incarnations_table} and the index names are
+-- validated, quoted identifiers.
 
 -- Daily totals, the source of truth for billing and analytics.
 CREATE TABLE IF NOT EXISTS {usage_table} (
@@ -15,9 +16,12 @@ CREATE TABLE IF NOT EXISTS {usage_table} (
 );
 CREATE INDEX IF NOT EXISTS {usage_date_index} ON {usage_table} (usage_date);
 
--- Dead letters: keys that could not be aggregated, one row per Redis key.
+-- Dead letters: keys that could not be aggregated, one row per Redis key (its raw bytes;
+-- redis_key shows them as text, invalid UTF-8 backslash-escaped).
 CREATE TABLE IF NOT EXISTS {errors_table} (
-    redis_key   text        PRIMARY KEY,
+    key_sha256  bytea       PRIMARY KEY,
+    raw_key     bytea       NOT NULL,
+    redis_key   text        NOT NULL,
     usage_date  date        NOT NULL,
     raw_value   text,
     reason      text        NOT NULL,
@@ -78,5 +82,45 @@ SELECT merchant_id,
        max(updated_at)                                               AS updated_at
 FROM {usage_table}
 GROUP BY merchant_id, metric_type, date_trunc('month', usage_date), to_char(usage_date, 'YYYY-MM');
+
+-- version 4: counters with resets. A row holds quantity = redis_offset + the Redis value
+-- last read, read from the Redis incarnation redis_incarnation; a counter that falls
+-- (a reset) moves into the offset instead of lowering the quantity.
+ALTER TABLE {usage_table} ADD COLUMN IF NOT EXISTS redis_offset bigint NOT NULL DEFAULT 0;
+ALTER TABLE {usage_table} ADD COLUMN IF NOT EXISTS redis_incarnation integer;
+CREATE TABLE IF NOT EXISTS {incarnations_table} (
+    id            serial      PRIMARY KEY,
+    run_id        text        NOT NULL UNIQUE,
+    address       text        NOT NULL,
+    started_at    timestamptz NOT NULL,
+    started_empty boolean     NOT NULL,
+    first_seen    timestamptz NOT NULL,
+    last_seen     timestamptz NOT NULL
+);
+-- version 4: resets in the audit; finished_at is when the run finished, not when it began
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS resets bigint NOT NULL DEFAULT 0;
+ALTER TABLE {runs_table} ALTER COLUMN finished_at SET DEFAULT clock_timestamp();
+-- version 4: dead letters keyed by the raw key, not by its text (two keys can share a text)
+ALTER TABLE {errors_table} ADD COLUMN IF NOT EXISTS raw_key bytea;
+ALTER TABLE {errors_table} ADD COLUMN IF NOT EXISTS key_sha256 bytea;
+UPDATE {errors_table} SET raw_key = convert_to(redis_key, 'UTF8') WHERE raw_key IS NULL;
+UPDATE {errors_table} SET key_sha256 = sha256(raw_key) WHERE key_sha256 IS NULL;
+ALTER TABLE {errors_table} ALTER COLUMN raw_key SET NOT NULL, ALTER COLUMN key_sha256 SET NOT NULL;
+DO $$
+DECLARE
+    pk name;
+    pk_columns name[];
+BEGIN
+    SELECT c.conname, array(SELECT a.attname FROM pg_attribute a WHERE a.attrelid = c.conrelid AND a.attnum = ANY(c.conkey))
+      INTO pk, pk_columns
+      FROM pg_constraint c WHERE c.conrelid = '{errors_table}'::regclass AND c.contype = 'p';
+    IF pk_columns IS DISTINCT FROM ARRAY['key_sha256']::name[] THEN
+        IF pk IS NOT NULL THEN
+            EXECUTE format('ALTER TABLE {errors_table} DROP CONSTRAINT %I', pk);
+        END IF;
+        ALTER TABLE {errors_table} ADD PRIMARY KEY (key_sha256);
+    END IF;
+END
+$$;
 
 COMMENT ON TABLE {usage_table} IS {version_comment};

@@ -1,0 +1,47 @@
+"""What a PostgreSQL error means for the aggregation, with either driver.
+
+psycopg2 (Airflow 2) names the SQLSTATE ``pgcode``, psycopg 3 (Airflow 3) ``sqlstate``.
+Errors of a single row (bad data, a value or index entry too large) are isolated and
+dead-lettered; everything else (a lost connection, a lock wait that timed out) fails
+the run, which Airflow retries.
+"""
+
+from __future__ import annotations
+
+LOCK_NOT_AVAILABLE = "55P03"
+#: SQLSTATE classes a single row can cause: data exceptions, integrity constraint
+#: violations, program limits (an index entry over a third of a page).
+ROW_ERROR_CLASSES = ("22", "23", "54")
+
+
+class LockWaitTimeout(RuntimeError):
+    """A bounded wait for a lock ran out; transient, so Airflow retries the task."""
+
+
+def sqlstate(err: BaseException) -> str | None:
+    return getattr(err, "sqlstate", None) or getattr(err, "pgcode", None)
+
+
+def is_row_error(err: BaseException) -> bool:
+    """Whether ``err`` is PostgreSQL refusing some row's data (not the connection, not a lock)."""
+    code = sqlstate(err)
+    return code is not None and code[:2] in ROW_ERROR_CLASSES
+
+
+def is_lock_timeout(err: BaseException) -> bool:
+    return sqlstate(err) == LOCK_NOT_AVAILABLE
+
+
+def describe(err: BaseException) -> str:
+    """One line: the server's own message, and for a lost connection what can cause it."""
+    message = " ".join(str(err).split()) or type(err).__name__
+    code = sqlstate(err)
+    if code:
+        return f"{message} (SQLSTATE {code})"
+    if "closed the connection" in message or "connection is lost" in message or "connection already closed" in message:
+        return (
+            f"{message}: PostgreSQL ended the session (a backend terminated by an administrator or "
+            "pg_terminate_backend, a server restart or crash, idle_in_transaction_session_timeout, or the "
+            "network); the server log says which"
+        )
+    return message

@@ -1,0 +1,111 @@
+"""Dead letters: the keys that could not be aggregated, one row per raw Redis key.
+
+A dead letter is keyed by the SHA-256 of the key's raw bytes, so an invalid-UTF-8 key
+and a valid key that merely reads the same once escaped are two letters, and a key of
+any length has one. Its states:
+
+=========  ==========================================  =====================================
+state      columns                                     next
+=========  ==========================================  =====================================
+open       ``resolved_at IS NULL``                      *fixed* when the key aggregates cleanly;
+                                                       *dismissed* by an operator (SQL)
+fixed      ``resolution = 'fixed'``                    *reopened* (open, counted new) when bad again
+dismissed  ``resolution = 'dismissed'``                stays while its value is unchanged;
+                                                       *reopened* (open, new) when it changes
+=========  ==========================================  =====================================
+
+A letter is *new* (the run fails and alerts, once) when it was never seen, when its
+value or reason changed, or when it is bad again after being fixed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+#: How much of a bad key is stored (its digest covers it all).
+KEY_PREVIEW = 4096
+
+
+def key_text(raw_key: bytes) -> str:
+    """A key as text for people: invalid UTF-8 backslash-escaped, NUL shown as ``\\x00``."""
+    text = raw_key[:KEY_PREVIEW].decode("utf-8", "backslashreplace")
+    if len(raw_key) > KEY_PREVIEW:
+        text += f"... ({len(raw_key)} bytes)"
+    return pg_text(text)
+
+
+def pg_text(text: str) -> str:
+    """PostgreSQL text cannot hold NUL; show it escaped, as the rest of a bad value is."""
+    return text.replace("\x00", "\\x00")
+
+
+def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
+    """Upsert the dead letters of ``bad_keys``; return how many are new."""
+    if not bad_keys:
+        return 0
+    unique = {hashlib.sha256(bad.raw_key).digest(): bad for bad in bad_keys}
+    values = [None if b.raw_value is None else pg_text(b.raw_value.decode("utf-8", "backslashreplace")) for b in unique.values()]
+    cur.execute(
+        f"""
+        WITH incoming AS (
+            SELECT d AS key_sha256, k AS raw_key, t AS redis_key, v AS raw_value, r AS reason
+            FROM unnest(%(digests)s::bytea[], %(keys)s::bytea[], %(texts)s::text[], %(values)s::text[],
+                        %(reasons)s::text[]) AS u(d, k, t, v, r)
+        ),
+        previous AS (
+            SELECT e.key_sha256, e.raw_value, e.reason, e.resolution
+            FROM {errors_table} e JOIN incoming i USING (key_sha256)
+        ),
+        upserted AS (
+            INSERT INTO {errors_table} AS e (key_sha256, raw_key, redis_key, usage_date, raw_value, reason)
+            SELECT key_sha256, raw_key, redis_key, %(day)s, raw_value, reason FROM incoming
+            ON CONFLICT (key_sha256) DO UPDATE SET
+                raw_value = EXCLUDED.raw_value,
+                reason = EXCLUDED.reason,
+                usage_date = EXCLUDED.usage_date,
+                last_seen = now(),
+                times_seen = e.times_seen + 1,
+                resolved_at = CASE WHEN e.resolution = 'dismissed'
+                                    AND e.raw_value IS NOT DISTINCT FROM EXCLUDED.raw_value
+                                   THEN e.resolved_at END,
+                resolution = CASE WHEN e.resolution = 'dismissed'
+                                   AND e.raw_value IS NOT DISTINCT FROM EXCLUDED.raw_value
+                                  THEN e.resolution END
+            RETURNING 1
+        )
+        SELECT count(*) FROM incoming i LEFT JOIN previous p USING (key_sha256)
+        WHERE p.key_sha256 IS NULL
+           OR p.raw_value IS DISTINCT FROM i.raw_value
+           OR p.reason <> i.reason
+           OR p.resolution IS NOT NULL AND p.resolution <> 'dismissed'
+        """,
+        {
+            "digests": list(unique),
+            "keys": [bad.raw_key[:KEY_PREVIEW] for bad in unique.values()],
+            "texts": [key_text(bad.raw_key) for bad in unique.values()],
+            "values": values,
+            "reasons": [bad.reason for bad in unique.values()],
+            "day": usage_date,
+        },
+    )
+    return int(cur.fetchone()[0])
+
+
+def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str) -> None:
+    """Mark the open letters of this date fixed whose key is among the staged (clean) counters."""
+    cur.execute(
+        f"SELECT EXISTS (SELECT 1 FROM {errors_table} WHERE resolved_at IS NULL AND usage_date = %s)", (usage_date,)
+    )
+    if not cur.fetchone()[0]:
+        return
+    cur.execute(
+        f"""
+        UPDATE {errors_table} e SET resolved_at = now(), resolution = 'fixed'
+        FROM (SELECT sha256(convert_to('usage:' || merchant_id || ':' || %(day_text)s || ':' || metric_type, 'UTF8'))
+                     AS key_sha256
+              FROM {staged_table}) c
+        WHERE e.resolved_at IS NULL AND e.usage_date = %(day)s AND e.key_sha256 = c.key_sha256
+        """,
+        {"day": usage_date, "day_text": usage_date.isoformat()},
+    )

@@ -1,0 +1,97 @@
+"""Which life of which Redis server a day's counters were read from.
+
+A counter only grows while the Redis process holding it lives. When Redis restarts
+without persistence every counter starts again from zero; after a failover to a
+lagging replica or a restore from a snapshot, counters go back to older values. The
+values alone cannot always tell (a counter that passes its old total before the next
+run looks like growth), so each run notes the server's *incarnation*: its ``run_id``
+(new with every start) and how it started (see :attr:`RedisIncarnation.started_empty`).
+The writer keeps, per row, the incarnation its last value came from
+(:mod:`usage_agg.sink`), which is how it tells a restart from growth.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from usage_agg.partitions import is_cluster, node_address
+
+#: Commands that copy keys in from elsewhere (``MIGRATE`` sends ``RESTORE``): a server
+#: that ran one did not build its counters from zero.
+_COPY_COMMANDS = ("cmdstat_restore", "cmdstat_restore-asking")
+
+
+class RedisRestartedDuringRun(RuntimeError):
+    """The server's run_id changed while a day was read: its values mix two lives. Transient."""
+
+
+@dataclass(frozen=True)
+class RedisIncarnation:
+    """One life of one Redis server (a primary, on a cluster)."""
+
+    run_id: str
+    address: str
+    #: when this life began, on the server's clock, rounded down a second more to be safe
+    started_at: dt.datetime
+    #: this life began with an empty keyspace and every counter in it was counted from
+    #: zero since: no keys loaded at start (RDB or AOF), never a replica (a promoted
+    #: replica keeps its old primary's replication id as ``master_replid2``), no keys
+    #: copied in with ``RESTORE``/``MIGRATE``. Only then is a row last read from an
+    #: older life known to hold none of what Redis holds now.
+    started_empty: bool
+    #: the server's clock when this was read
+    seen_at: dt.datetime
+
+
+def read_incarnation(node_client, address: str) -> RedisIncarnation:
+    """The incarnation of one server, from its ``INFO`` (one round trip)."""
+    pipe = node_client.pipeline(transaction=False)
+    for section in ("server", "persistence", "replication", "commandstats"):
+        pipe.info(section)
+    server, persistence, replication, commands = pipe.execute()
+    now = dt.datetime.fromtimestamp(int(server["server_time_usec"]) / 1e6, dt.timezone.utc)
+    uptime = dt.timedelta(seconds=int(server["uptime_in_seconds"]) + 1)
+    loaded = persistence.get("rdb_last_load_keys_loaded")  # Redis 7.0+; unknown before: assume loaded
+    started_empty = (
+        loaded is not None
+        and int(loaded) == 0
+        and str(persistence.get("aof_enabled", "1")) == "0"
+        and replication.get("role") == "master"
+        and _is_zero_id(replication.get("master_replid2"))
+        and not any(int(commands.get(name, {}).get("calls", 0)) for name in _COPY_COMMANDS)
+    )
+    return RedisIncarnation(str(server["run_id"]), address, now - uptime, started_empty, now)
+
+
+def _is_zero_id(value) -> bool:
+    """Whether a replication id is all zeros (redis-py may have parsed it as the int 0)."""
+    try:
+        return value is not None and int(str(value), 16) == 0
+    except ValueError:
+        return False
+
+
+def node_clients(client, partition: str | None = None) -> dict[str, object]:
+    """A plain client per server a read covers: the node itself, or a cluster's primaries
+    (only ``partition``'s, when given), by ``host:port``."""
+    if not is_cluster(client):
+        return {node_address(client): client}
+    nodes = [node for node in client.get_primaries() if partition is None or node.name == partition]
+    return {node.name: client.get_redis_connection(node) for node in nodes}
+
+
+def read_incarnations(client, partition: str | None = None) -> dict[str, RedisIncarnation]:
+    """:func:`read_incarnation` of every server a read covers, by ``host:port``."""
+    return {address: read_incarnation(node, address) for address, node in node_clients(client, partition).items()}
+
+
+def check_unchanged(client, before: dict[str, RedisIncarnation], partition: str | None = None) -> None:
+    """Raise :class:`RedisRestartedDuringRun` if a server restarted since ``before`` was read."""
+    for address, node in node_clients(client, partition).items():
+        run_id = str(node.info("server")["run_id"])
+        if address in before and run_id != before[address].run_id:
+            raise RedisRestartedDuringRun(
+                f"Redis at {address} restarted while the day was read (run_id {before[address].run_id} -> "
+                f"{run_id}); nothing of this run is committed, and the retry reads the new server"
+            )
