@@ -134,6 +134,7 @@ def aggregate_day(
             lock_timeout=lock_timeout, batch_size=batch_size, scan_count=scan_count,
         )  # fmt: skip
     except Exception as err:
+        logger.error("Aggregation of %s%s failed: %s", result.usage_date, scope, describe(err))
         _audit_failure(pg_conn, names, result, audit_base, err, progress, logger)
         raise
 

@@ -56,10 +56,17 @@ def aggregation_fan_out() -> str:
     return mode
 
 
+#: No task of these DAGs runs longer: a hung read or a stuck worker is ended (and retried)
+#: instead of holding a day's lock. A day of millions of keys takes minutes; waits for
+#: locks are bounded by the operator's lock_timeout (10 minutes) per wait.
+TASK_EXECUTION_TIMEOUT = dt.timedelta(hours=1)
+
+
 def default_args() -> dict:
     """Retries with exponential backoff: connection failures are transient.
 
-    Bad data fails with ``AirflowFailException``, which Airflow never retries.
+    Bad data fails with ``AirflowFailException``, which Airflow never retries. Every task
+    has an ``execution_timeout``.
     """
     return {
         "owner": "usage-agg",
@@ -67,4 +74,5 @@ def default_args() -> dict:
         "retry_delay": dt.timedelta(seconds=30),
         "retry_exponential_backoff": True,
         "max_retry_delay": dt.timedelta(minutes=15),
+        "execution_timeout": TASK_EXECUTION_TIMEOUT,
     }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from usage_agg.keys import parse_date
+from usage_agg.keys import MAX_MERCHANT_ID_BYTES, parse_date
 
 MAX_RANGE_DAYS = 31
 
@@ -41,6 +41,9 @@ def validate_rerun_request(
         raise RerunRequestError(f"merchant_id: is required and must be a non-empty string, got {merchant_id!r}")
     if "\x00" in merchant_id:
         raise RerunRequestError("merchant_id: must not contain a NUL character")
+    size = len(merchant_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_MERCHANT_ID_BYTES:
+        raise RerunRequestError(f"merchant_id: is {size} bytes long; at most {MAX_MERCHANT_ID_BYTES} bytes are accepted")
     if date in (None, ""):
         raise RerunRequestError("date: is required (YYYY-MM-DD)")
     first = _date(date, "date")

@@ -107,7 +107,7 @@ def register_incarnations(
 class MergeResult:
     rows_written: int = 0
     rows_unchanged: int = 0
-    #: Redis values lower than the value last read, kept out of the total (drop resets)
+    #: Redis values lower than the value last read, which did not lower the total
     decreases_refused: int = 0
     #: rows whose counter was found reset (drops and restarts)
     resets: int = 0
@@ -310,7 +310,7 @@ class DayWriter:
                 self._cur.execute("ROLLBACK TO SAVEPOINT usage_agg_rows")
                 if len(part) == 1:
                     merchant, metric, quantity = as_text(part[0])
-                    refused.append(self._refused(merchant, metric, str(quantity), _first_line(err)))
+                    refused.append(self._refused(merchant, metric, str(quantity), f"PostgreSQL refused the row: {_first_line(err)}"))
                 else:
                     middle = len(part) // 2
                     pending += [part[middle:], part[:middle]]
@@ -320,7 +320,7 @@ class DayWriter:
 
     def _refused(self, merchant: str, metric: str, value: str, reason: str) -> BadKey:
         raw_key = f"{KEY_PREFIX}{merchant}:{self.usage_date.isoformat()}:{metric}".encode("utf-8")
-        return BadKey(raw_key, f"PostgreSQL refused the row: {reason}", value.encode("utf-8"))
+        return BadKey(raw_key, reason, value.encode("utf-8"))
 
     # Dead letters and audit
 
@@ -383,7 +383,7 @@ class DayWriter:
             result.refused.append(
                 self._refused(
                     merchant, metric, str(redis),
-                    f"the total would exceed PostgreSQL's bigint ({offset} already counted before a reset + {redis})",
+                    f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis value {redis}",
                 )  # fmt: skip
             )
         return result
@@ -459,7 +459,7 @@ _MERGE = (
     )
     SELECT (SELECT count(*) FROM written),
            count(*) FILTER (WHERE unchanged),
-           count(*) FILTER (WHERE reset = 'drop'),
+           count(*) FILTER (WHERE reset IS NOT NULL AND redis < stored - stored_offset),
            count(*) FILTER (WHERE reset IS NOT NULL AND NOT unchanged),
            (SELECT json_agg(r) FROM (
                 SELECT merchant_id, metric_type, reset, stored, stored - stored_offset AS last_read, redis,

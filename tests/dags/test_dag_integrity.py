@@ -36,6 +36,8 @@ def test_dags_have_owner_tags_retries_with_backoff_and_docs(dag_id):
         assert task.retries >= 1
         assert task.retry_exponential_backoff
         assert task.max_retry_delay is not None and task.max_retry_delay <= dt.timedelta(hours=1)
+        # every wait bounded: a hung task is ended, never left holding a day's lock
+        assert task.execution_timeout is not None and task.execution_timeout <= dt.timedelta(hours=1)
 
 
 def test_hourly_dag_is_hourly_with_bounded_concurrency_and_covers_two_days():

@@ -155,7 +155,7 @@ def test_a_run_failing_part_way_leaves_the_date_as_it_was(
     assert rows(query, table) == expected
 
 
-MERCHANTS = ["a", "a*", "ab", "a?c", "a[b]c", "[ab]", "a\\*", "a\\", "x:y", "x:2025-11-01:y", "^a", "a-b", "*"]
+MERCHANTS = ["a", "a*", "ab", "a?c", "a[b]c", "[ab]", "a\\*", "a\\", "x", "x:y", "x:2025-11-01:y", "^a", "a-b", "*"]
 
 
 def test_glob_characters_and_colons_in_merchant_ids(redis_client, pg_conn, table, query):
@@ -402,4 +402,43 @@ def test_a_key_staged_twice_is_merged_once(pg_conn, pg_schema, query, stored_bef
     assert (merged.rows_written, merged.rows_unchanged) == (4, 0)
     assert dict(query(f"SELECT merchant_id, quantity FROM {names.usage.quoted} WHERE merchant_id <> 'other'")) == {
         "acme": 5, "globex": 1, "initech": 2, "umbrella": 3,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("stored_before", [False, True], ids=["new-day", "day-with-rows"])
+def test_a_key_staged_in_two_chunks_never_lowers_its_total(pg_conn, pg_schema, query, stored_before):
+    """The new-day fast path inserts without comparing; its conflict rule must still never lower a total."""
+    import datetime as dt
+
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    if stored_before:
+        query(f"INSERT INTO {names.usage.quoted} (merchant_id, usage_date, metric_type, quantity) "
+              "VALUES ('other', '2025-11-01', 'q', 1) RETURNING 1")  # fmt: skip
+    with DayWriter(pg_conn, names, dt.date(2025, 11, 1)) as writer:
+        writer.stage_plain_rows([(b"acme", b"q", b"10")])
+        first = writer.merge()
+        writer.stage_plain_rows([(b"acme", b"q", b"4")])  # read again, lower: a reset between the reads
+        second = writer.merge()
+        writer.stage_plain_rows([(b"acme", b"q", b"12")])
+        third = writer.merge()
+    assert first.rows_written == 1
+    assert (second.rows_written, third.rows_written) == (1, 1)
+    assert query(f"SELECT quantity, redis_offset FROM {names.usage.quoted} WHERE merchant_id = 'acme'") == [(18, 6)]
+
+
+def test_stage_plain_rows_checks_the_block_it_sends(pg_conn, pg_schema, query):
+    """Rows that COPY's text format would misread are staged escaped instead, never garbled."""
+    import datetime as dt
+
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    odd = [(b"tab\there", b"q", b"1"), (b"back\\slash", b"q", b"2"), (b"cr\rhere", b"q", b"3"), (b"nl\nhere", b"q", b"4")]
+    with DayWriter(pg_conn, names, dt.date(2025, 11, 1)) as writer:
+        assert writer.stage_plain_rows(odd + [(b"plain", b"q", b"5")]) == []
+        writer.merge()
+    assert dict(query(f"SELECT merchant_id, quantity FROM {names.usage.quoted}")) == {
+        "tab\there": 1, "back\\slash": 2, "cr\rhere": 3, "nl\nhere": 4, "plain": 5,
     }  # fmt: skip

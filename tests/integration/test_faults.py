@@ -80,9 +80,10 @@ def test_redis_connection_killed_mid_run(redis_client, table, query):
     conn.close()
 
 
-def test_postgres_backend_terminated_mid_run(redis_client, table, query):
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_postgres_backend_terminated_mid_run(redis_client, table, query, caplog, driver):
     seed(redis_client, 1)
-    conn = pg_connect()
+    conn = pg_connect(driver)
     aggregate_day(redis_client, conn, DAY, table=table)
     seed(redis_client, 1)
     with conn.cursor() as cur:
@@ -93,12 +94,21 @@ def test_postgres_backend_terminated_mid_run(redis_client, table, query):
     def terminate():
         assert query("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
 
-    with pytest.raises(Exception, match="terminat|closed|connection"):
+    with caplog.at_level("ERROR", logger="usage_agg"), pytest.raises(Exception) as raised:
         aggregate_day(CutAfterFirstBatch(redis_client, terminate), conn, DAY, table=table, batch_size=50)
+    # The cause, not a bare "the connection is lost": the server's own words where the
+    # driver has them (psycopg 3), else what can end a session (psycopg2's libpq drops the FATAL line).
+    if driver == "psycopg":
+        assert "terminating connection due to administrator command" in str(raised.value)
+        assert "SQLSTATE 57P01" in caplog.text
+    else:
+        assert "server closed the connection unexpectedly" in str(raised.value)
+        assert "pg_terminate_backend" in caplog.text
+    assert "Aggregation of 2025-11-01 failed: " in caplog.text
     assert set(stored(query, table).values()) == {1}  # the date is as it was
     conn.close()
 
-    retry = pg_connect()  # Airflow's retry: a new task attempt, a new connection
+    retry = pg_connect(driver)  # Airflow's retry: a new task attempt, a new connection
     aggregate_day(redis_client, retry, DAY, table=table, batch_size=50)
     assert stored(query, table) == redis_totals(redis_client)
     retry.close()

@@ -20,8 +20,8 @@ from usage_agg.keys import (
 )
 
 # hypothesis' text() has no surrogates; NUL is refused by design (PostgreSQL text cannot hold it).
-merchant_ids = st.text(min_size=1).filter(lambda s: "\x00" not in s)
-metric_types = st.text(min_size=1).filter(lambda s: ":" not in s and "\x00" not in s)
+merchant_ids = st.text(min_size=1, max_size=200).filter(lambda s: "\x00" not in s)
+metric_types = st.text(min_size=1, max_size=60).filter(lambda s: ":" not in s and "\x00" not in s)
 dates = st.dates(min_value=dt.date(1000, 1, 1), max_value=dt.date(9999, 12, 31))
 
 
@@ -116,3 +116,23 @@ def test_belongs_to_filters_other_days_and_merchants():
 def test_parse_date_is_strict_and_names_the_field(bad):
     with pytest.raises(ValueError, match="^when: "):
         parse_date(bad, field="when")
+
+
+def test_the_longest_ids_are_accepted_and_one_byte_more_is_a_bad_key():
+    from usage_agg.keys import MAX_MERCHANT_ID_BYTES, MAX_METRIC_TYPE_BYTES, parse_key_of_day, split_keys_of_day
+
+    day = dt.date(2025, 11, 1)
+    longest = build_key("m" * MAX_MERCHANT_ID_BYTES, day, "t" * MAX_METRIC_TYPE_BYTES)
+    assert parse_key(longest.encode()) == UsageKey("m" * 1024, day, "t" * 256)
+    for merchant, metric, reason in (
+        ("m" * 1025, "t", "merchant id is 1025 bytes long; at most 1024"),
+        ("€" * 342, "t", "merchant id is 1026 bytes long"),  # bytes, not characters
+        ("m", "t" * 257, "metric type is 257 bytes long; at most 256"),
+    ):
+        raw = f"usage:{merchant}:2025-11-01:{metric}".encode()
+        with pytest.raises(BadKeyError, match=reason):
+            parse_key(raw)
+        assert parse_key_of_day(raw, day, "2025-11-01") is None  # the fast paths leave it to parse_key
+        assert split_keys_of_day([b"usage:a:2025-11-01:q", raw], "2025-11-01") is None
+        with pytest.raises(ValueError, match=reason.split(";")[0]):
+            build_key(merchant, day, metric)
