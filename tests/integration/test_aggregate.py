@@ -442,3 +442,36 @@ def test_stage_plain_rows_checks_the_block_it_sends(pg_conn, pg_schema, query):
     assert dict(query(f"SELECT merchant_id, quantity FROM {names.usage.quoted}")) == {
         "tab\there": 1, "back\\slash": 2, "cr\rhere": 3, "nl\nhere": 4, "plain": 5,
     }  # fmt: skip
+
+
+def test_a_version_3_database_is_upgraded_in_place(redis_client, pg_conn, pg_schema, query):
+    """What the last release created (schema 3, its exact DDL), with rows and dead letters, upgrades cleanly."""
+    from pathlib import Path
+
+    from usage_agg.schema import SchemaNames
+
+    names = SchemaNames.for_table(f"{pg_schema}.merchant_usage")
+    v3 = (Path(__file__).parent / "schema_v3.sql").read_text().format(
+        usage_table=names.usage.quoted, errors_table=names.errors.quoted, runs_table=names.runs.quoted,
+        weekly_view=names.weekly.quoted, monthly_view=names.monthly.quoted,
+        usage_date_index='"merchant_usage_usage_date_idx"', errors_open_index='"usage_aggregation_errors_open_idx"',
+        runs_date_index='"usage_aggregation_runs_date_idx"', version_comment="'usage-agg schema 3'",
+    )  # fmt: skip
+    query(f'CREATE SCHEMA "{pg_schema}"; {v3}; SELECT 1')
+    query(f"""INSERT INTO {names.usage.quoted} (merchant_id, usage_date, metric_type, quantity)
+              VALUES ('acme', '2025-11-01', 'queries', 100), ('globex', '2025-11-01', 'queries', 7);
+              INSERT INTO {names.errors.quoted} (redis_key, usage_date, raw_value, reason)
+              VALUES ('usage:broken:2025-11-01:q', '2025-11-01', 'oops', 'value is not a non-negative integer');
+              SELECT 1""")  # fmt: skip
+
+    seed(redis_client, {("acme", "queries"): 60, ("globex", "queries"): 9})  # acme: a reset since the last run
+    redis_client.set("usage:broken:2025-11-01:q", "oops")  # still bad, with the same value: known, not new
+    result = aggregate_day(redis_client, pg_conn, DAY, table=f"{pg_schema}.merchant_usage", discovery="scan")
+    assert (result.resets, result.bad_keys, result.new_bad_keys) == (1, 1, 0)
+    assert query(f"SELECT merchant_id, quantity, redis_offset FROM {names.usage.quoted} ORDER BY 1") == [
+        ("acme", 100, 40), ("globex", 9, 0),
+    ]  # fmt: skip
+    assert query(f"SELECT convert_from(raw_key, 'UTF8'), times_seen FROM {names.errors.quoted}") == [
+        ("usage:broken:2025-11-01:q", 2)
+    ]
+    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (names.usage.quoted,)) == [("usage-agg schema 4",)]
