@@ -102,16 +102,21 @@ def run_state_of_last_run(dag_id: str) -> str:
         return str(getattr(run.state, "value", run.state))
 
 
-def test_expiry_check_fails_the_run_when_a_day_is_about_to_be_lost(redis_client, usage_env):
-    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-10-27", ttl=dt.timedelta(hours=2))
+def test_expiry_check_saves_usage_about_to_be_lost_and_fails_on_what_needs_a_person(redis_client, usage_env, query):
+    track_usage(redis_client, "acme", "queries", 3, usage_date="2025-10-27", ttl=dt.timedelta(hours=2))
     assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC")) == {
+        "check_expiring_usage": "success"
+    }  # never aggregated, about to expire: its day was aggregated by the check
+    assert query(f"SELECT merchant_id, usage_date::text, quantity FROM {usage_env}") == [("acme", "2025-10-27", 3)]
+
+    redis_client.set("usage:broken:2025-10-27:queries", "NaN", ex=7200)  # a new bad key, about to expire
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC")) == {
         "check_expiring_usage": "failed"
     }
     assert run_state_of_last_run("usage_expiry_check") == "failed"
-    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-10-27")  # the TTL is a week again
-    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC")) == {
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 5, tz="UTC")) == {
         "check_expiring_usage": "success"
-    }
+    }  # its dead letter now holds its value: nothing to lose, nothing new
 
 
 def test_operator_reports_lineage_without_credentials(redis_client, usage_env, mocker):
@@ -162,7 +167,7 @@ def test_metrics_reach_statsd(redis_client, usage_env):
     for done in runs:
         assert done.returncode == 0, done.stderr[-2000:]
     names = {p.split(":")[0] for p in packets if p}
-    for metric in ("keys_found", "rows_written", "bad_keys", "decreases_refused", "duration",
+    for metric in ("keys_found", "rows_written", "bad_keys", "decreases_refused", "resets", "duration",
                    "unaggregated_lag_days", "days_expiring_unaggregated"):  # fmt: skip
         assert f"airflow.usage_agg.{metric}" in names, sorted(n for n in names if "usage_agg" in n)
     assert "airflow.usage_agg.keys_found:1|c" in packets
