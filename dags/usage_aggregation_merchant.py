@@ -1,14 +1,19 @@
 """
-### Rerun one merchant (Airflow DAG `usage_aggregation_merchant`)
+### Rerun one merchant, or every merchant over a range (Airflow DAG `usage_aggregation_merchant`)
 
 Re-aggregates one merchant's usage for a date, or an inclusive range of at most 31
 days, from Redis into PostgreSQL. Trigger it from the Airflow UI's form or with
 `airflow dags trigger usage_aggregation_merchant --conf '{"merchant_id": "...", "date": "YYYY-MM-DD"}'`.
 
 Only that merchant's keys are read and written, whatever characters its id holds.
-Stored totals are never lowered unless **Allow decrease** is ticked (use it after
-a Redis restart has been reconciled by hand). The dates come from the form, never
-from the run's logical date.
+Leave **Merchant ID** empty and tick **All merchants** to rerun every merchant over
+the range (the original job's `aggregate-range FROM TO`):
+`--conf '{"all_merchants": true, "date": "YYYY-MM-DD", "end_date": "YYYY-MM-DD"}'`.
+One task per date either way.
+
+Stored totals are never lowered unless **Allow decrease** is ticked (Redis is the
+truth: use it after a Redis restart has been reconciled by hand). The dates come
+from the form, never from the run's logical date.
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ with DAG(
     tags=["usage", "billing", "rerun"],
     params={
         "merchant_id": Param(
-            type="string",
+            None,
+            type=["null", "string"],
             minLength=1,
             title="Merchant ID",
-            description="The merchant to re-aggregate, exactly as in its Redis keys.",
+            description="The merchant to re-aggregate, exactly as in its Redis keys. "
+            "Leave empty (and tick All merchants) to rerun every merchant.",
         ),
         "date": Param(
             type="string",
@@ -56,11 +63,19 @@ with DAG(
             title="End date (optional)",
             description=f"Last day of the range, inclusive; at most {MAX_RANGE_DAYS} days after Date.",
         ),
+        "all_merchants": Param(
+            False,
+            type="boolean",
+            title="All merchants",
+            description="Rerun every merchant for these dates (Merchant ID empty). A confirmation: "
+            "it rewrites the whole days.",
+        ),
         "allow_decrease": Param(
             False,
             type="boolean",
             title="Allow decrease",
-            description="Let a lower Redis value lower a stored total. Off: lower values are refused and logged.",
+            description="Redis is the truth: set each total to its Redis value, even lower. "
+            "Off: a lower value is a reset, counted on top of what was stored.",
         ),
     },
 ) as dag:
@@ -75,6 +90,7 @@ with DAG(
                 params.get("date"),
                 params.get("end_date"),
                 params.get("allow_decrease", False),
+                params.get("all_merchants", False),
             )
         except RerunRequestError as err:
             raise AirflowFailException(f"Refused: {err}") from None
@@ -82,10 +98,12 @@ with DAG(
 
     # Only the validated dates travel through XCom: Airflow 3 renders expanded values
     # as templates, so a merchant id there could run Jinja. A template's output, as
-    # here, is never rendered again, whatever the merchant id contains.
+    # here, is never rendered again, whatever the merchant id contains. No merchant id
+    # (validated: only with all_merchants) renders empty, which the operator reads as
+    # every merchant.
     RedisUsageToPostgresOperator.partial(
         task_id="aggregate_merchant_day",
-        merchant_id="{{ params.merchant_id }}",
+        merchant_id="{{ params.merchant_id if params.merchant_id is not none else '' }}",
         allow_decrease="{{ params.allow_decrease }}",
         table=dag_config.usage_table(),
         redis_conn_id=dag_config.redis_conn_id(),

@@ -41,7 +41,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
     :param usage_date: the day to aggregate, ``YYYY-MM-DD`` (templated). When empty,
         the run's ``ds``, or today's UTC date for a run without a logical date.
     :param day_offset: days added to the resolved date; ``-1`` aggregates the day before.
-    :param merchant_id: aggregate this merchant only; ``None`` for every merchant (templated)
+    :param merchant_id: aggregate this merchant only; ``None`` (or empty once rendered)
+        for every merchant (templated)
     :param table: target table, ``name`` or ``schema.name`` (templated)
     :param allow_decrease: Redis is the truth: set each row to its Redis value, even lower,
         and forget what earlier resets kept (templated)
@@ -130,7 +131,7 @@ class RedisUsageToPostgresOperator(BaseOperator):
                 redis_client,
                 pg_conn,
                 day,
-                merchant_id=self.merchant_id,
+                merchant_id=self.merchant_id or None,
                 table=self.table,
                 allow_decrease=allow_decrease,
                 batch_size=self.batch_size,

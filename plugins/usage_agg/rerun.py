@@ -1,9 +1,11 @@
-"""Validating a per-merchant rerun request (the conf of ``usage_aggregation_merchant``).
+"""Validating a rerun request (the conf of ``usage_aggregation_merchant``).
 
-The trigger form's JSON schema already refuses what a schema can judge alone (a
-missing or empty merchant id, a malformed date). What needs both dates or today's
-date is checked here, before any data is touched; every message starts with the
-name of the field at fault.
+A rerun covers one merchant, or every merchant when the merchant id is left empty
+and ``all_merchants`` confirms it (the original job's ``aggregate-range FROM TO``),
+for a date or an inclusive range of at most 31 days. The trigger form's JSON schema
+already refuses what a schema can judge alone (an empty merchant id, a malformed
+date). What needs several fields or today's date is checked here, before any data
+is touched; every message starts with the name of the field at fault.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class RerunRequestError(ValueError):
 
 @dataclass(frozen=True)
 class RerunRequest:
-    merchant_id: str
+    #: ``None``: every merchant
+    merchant_id: str | None
     dates: tuple[dt.date, ...]
     allow_decrease: bool
 
@@ -32,18 +35,13 @@ def validate_rerun_request(
     date: object,
     end_date: object = None,
     allow_decrease: object = False,
+    all_merchants: object = False,
     *,
     today: dt.date | None = None,
 ) -> RerunRequest:
     """Check a rerun request and expand it to its dates (``end_date`` inclusive)."""
     today = today or dt.datetime.now(dt.timezone.utc).date()
-    if not isinstance(merchant_id, str) or not merchant_id.strip():
-        raise RerunRequestError(f"merchant_id: is required and must be a non-empty string, got {merchant_id!r}")
-    if "\x00" in merchant_id:
-        raise RerunRequestError("merchant_id: must not contain a NUL character")
-    size = len(merchant_id.encode("utf-8", "surrogatepass"))
-    if size > MAX_MERCHANT_ID_BYTES:
-        raise RerunRequestError(f"merchant_id: is {size} bytes long; at most {MAX_MERCHANT_ID_BYTES} bytes are accepted")
+    merchant = _merchant(merchant_id, all_merchants)
     if date in (None, ""):
         raise RerunRequestError("date: is required (YYYY-MM-DD)")
     first = _date(date, "date")
@@ -60,7 +58,32 @@ def validate_rerun_request(
     if not isinstance(allow_decrease, bool):
         raise RerunRequestError(f"allow_decrease: must be true or false, got {allow_decrease!r}")
     dates = tuple(first + dt.timedelta(days=i) for i in range(days))
-    return RerunRequest(merchant_id, dates, allow_decrease)
+    return RerunRequest(merchant, dates, allow_decrease)
+
+
+def _merchant(merchant_id: object, all_merchants: object) -> str | None:
+    """The one merchant, or ``None`` for every merchant: only when asked for in both fields."""
+    if not isinstance(all_merchants, bool):
+        raise RerunRequestError(f"all_merchants: must be true or false, got {all_merchants!r}")
+    if merchant_id is None or merchant_id == "":
+        if not all_merchants:
+            raise RerunRequestError(
+                "merchant_id: is required; to rerun every merchant, leave it empty and tick all_merchants"
+            )
+        return None
+    if all_merchants:
+        raise RerunRequestError(
+            f"all_merchants: must be off when merchant_id is given ({merchant_id!r}); leave merchant_id empty "
+            "to rerun every merchant"
+        )
+    if not isinstance(merchant_id, str) or not merchant_id.strip():
+        raise RerunRequestError(f"merchant_id: must be a non-empty string, got {merchant_id!r}")
+    if "\x00" in merchant_id:
+        raise RerunRequestError("merchant_id: must not contain a NUL character")
+    size = len(merchant_id.encode("utf-8", "surrogatepass"))
+    if size > MAX_MERCHANT_ID_BYTES:
+        raise RerunRequestError(f"merchant_id: is {size} bytes long; at most {MAX_MERCHANT_ID_BYTES} bytes are accepted")
+    return merchant_id
 
 
 def _date(value: object, field: str) -> dt.date:

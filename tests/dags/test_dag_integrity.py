@@ -83,12 +83,13 @@ def test_merchant_dag_has_a_trigger_form_with_titles_and_date_pickers():
     dag = load_dagbag().get_dag("usage_aggregation_merchant")
     assert schedule_of(dag) is None
     params = {name: dag.params.get_param(name) for name in dag.params}
-    assert set(params) == {"merchant_id", "date", "end_date", "allow_decrease"}
+    assert set(params) == {"merchant_id", "date", "end_date", "all_merchants", "allow_decrease"}
     for param in params.values():
         assert param.schema["title"] and param.description
     schemas = {name: param.schema for name, param in params.items()}
-    assert schemas["merchant_id"]["type"] == "string" and schemas["merchant_id"]["minLength"] == 1
+    assert schemas["merchant_id"]["type"] == ["null", "string"] and schemas["merchant_id"]["minLength"] == 1
     assert schemas["date"]["format"] == "date" and schemas["end_date"]["format"] == "date"
     assert schemas["end_date"]["type"] == ["null", "string"]
-    assert schemas["allow_decrease"]["type"] == "boolean"
+    assert schemas["allow_decrease"]["type"] == "boolean" and schemas["all_merchants"]["type"] == "boolean"
     assert dag.params["allow_decrease"] is False and dag.params["end_date"] is None
+    assert dag.params["all_merchants"] is False and dag.params["merchant_id"] is None

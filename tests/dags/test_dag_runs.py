@@ -117,6 +117,30 @@ def test_merchant_rerun_over_a_range_with_decrease_allowed(redis_client, usage_e
     }
 
 
+def test_a_range_over_every_merchant_in_one_run(redis_client, usage_env, query):
+    """The original job's aggregate-range FROM TO: one mapped task per date, every merchant."""
+    for day in ("2025-11-01", "2025-11-02", "2025-11-03"):
+        for merchant in ("acme", "globex", "a*b"):
+            track_usage(redis_client, merchant, "queries", 2, usage_date=day)
+    track_usage(redis_client, "acme", "queries", 9, usage_date="2025-11-04")  # outside the range
+    states = run_dag(
+        "usage_aggregation_merchant", conf={"all_merchants": True, "date": "2025-11-01", "end_date": "2025-11-03"}
+    )
+    assert states == {
+        "validate_request": "success",
+        "aggregate_merchant_day[0]": "success",
+        "aggregate_merchant_day[1]": "success",
+        "aggregate_merchant_day[2]": "success",
+    }
+    assert totals(query, usage_env) == {
+        (merchant, day, "queries"): 2
+        for day in ("2025-11-01", "2025-11-02", "2025-11-03")
+        for merchant in ("acme", "globex", "a*b")
+    }
+    schema = usage_env.split(".")[0]
+    assert query(f"SELECT DISTINCT merchant_id FROM {schema}.usage_aggregation_runs") == [(None,)]  # whole days
+
+
 def test_a_merchant_id_that_looks_like_a_template_is_taken_literally(redis_client, usage_env, query):
     merchant = "{{ ds }}:{{ conn.usage_postgres.password }}"
     track_usage(redis_client, merchant, "queries", 2, usage_date="2025-11-01")
@@ -126,7 +150,6 @@ def test_a_merchant_id_that_looks_like_a_template_is_taken_literally(redis_clien
 
 
 SCHEMA_REFUSALS = [
-    ({"date": "2025-11-01"}, "merchant_id"),
     ({"merchant_id": "", "date": "2025-11-01"}, "merchant_id"),
     ({"merchant_id": "acme", "date": "2025/11/01"}, "date"),
     ({"merchant_id": "acme", "date": "2025-11-01", "end_date": "tomorrow"}, "end_date"),
@@ -148,6 +171,8 @@ def _future(days: int) -> str:
 
 
 RUN_REFUSALS = [
+    ({"date": "2025-11-01"}, "merchant_id"),
+    ({"merchant_id": "acme", "all_merchants": True, "date": "2025-11-01"}, "all_merchants"),
     ({"merchant_id": "acme", "date": "2025-11-05", "end_date": "2025-11-04"}, "end_date"),
     ({"merchant_id": "acme", "date": "2025-10-01", "end_date": "2025-11-01"}, "end_date"),
     ({"merchant_id": "acme", "date": "FUTURE"}, "date"),

@@ -68,9 +68,13 @@ def test_the_trigger_form_shows_the_params_and_starts_a_run_that_succeeds(
         text = field.inner_text()
         assert title in text and description in text, text
         assert form.locator(f"#element_{name}").get_attribute("type") == input_type
-    decrease = form.locator("[role=group][data-scope=field]", has_text="Allow decrease")
-    assert "Let a lower Redis value lower a stored total." in decrease.inner_text()
-    assert decrease.get_by_role("checkbox").count() == 1
+    for title, description in (
+        ("Allow decrease", "Redis is the truth: set each total to its Redis value, even lower."),
+        ("All merchants", "Rerun every merchant for these dates (Merchant ID empty)."),
+    ):
+        checkbox = form.locator("[role=group][data-scope=field]", has_text=title)
+        assert description in checkbox.inner_text()
+        assert checkbox.get_by_role("checkbox").count() == 1
 
     form.locator("#element_merchant_id").fill(MERCHANT)
     form.locator("#element_date").fill("2025-11-01")

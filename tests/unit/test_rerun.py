@@ -33,7 +33,7 @@ def test_thirty_one_days_is_the_limit():
     [
         ({"merchant_id": None, "date": "2025-11-01"}, "merchant_id", "required"),
         ({"merchant_id": "", "date": "2025-11-01"}, "merchant_id", "required"),
-        ({"merchant_id": "   ", "date": "2025-11-01"}, "merchant_id", "required"),
+        ({"merchant_id": "   ", "date": "2025-11-01"}, "merchant_id", "non-empty string"),
         ({"merchant_id": 42, "date": "2025-11-01"}, "merchant_id", "string"),
         ({"merchant_id": "m", "date": None}, "date", "required"),
         ({"merchant_id": "m", "date": "2025-11-1"}, "date", "YYYY-MM-DD"),
@@ -56,3 +56,17 @@ def test_a_merchant_id_over_the_key_limit_is_refused_before_any_data_is_touched(
     validate_rerun_request("é" * 512, "2025-11-01", today=TODAY)  # 1024 bytes: the longest accepted
     with pytest.raises(RerunRequestError, match="^merchant_id: is 1026 bytes long; at most 1024"):
         validate_rerun_request("é" * 513, "2025-11-01", today=TODAY)
+
+
+def test_every_merchant_over_a_range_needs_the_confirmation():
+    request = validate_rerun_request(None, "2025-11-01", "2025-11-07", all_merchants=True, today=TODAY)
+    assert request.merchant_id is None and len(request.dates) == 7
+    assert validate_rerun_request("", "2025-11-01", all_merchants=True, today=TODAY).merchant_id is None
+    with pytest.raises(RerunRequestError, match="^merchant_id: is required; to rerun every merchant, leave it empty and tick all_merchants"):
+        validate_rerun_request(None, "2025-11-01", "2025-11-07", today=TODAY)
+    with pytest.raises(RerunRequestError, match="^all_merchants: must be off when merchant_id is given"):
+        validate_rerun_request("acme", "2025-11-01", all_merchants=True, today=TODAY)
+    with pytest.raises(RerunRequestError, match="^all_merchants: must be true or false"):
+        validate_rerun_request(None, "2025-11-01", all_merchants="yes", today=TODAY)
+    with pytest.raises(RerunRequestError, match="^end_date: the range"):  # the same 31-day limit
+        validate_rerun_request(None, "2025-10-01", "2025-11-01", all_merchants=True, today=TODAY)
