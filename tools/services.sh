@@ -21,7 +21,8 @@ PG_SYSTEM_USER=usage-agg-pg  # PostgreSQL refuses to run as root
 
 # Probes use bash's /dev/tcp, so they need no Redis or PostgreSQL client on the machine.
 redis_up() {
-    exec 3<>"/dev/tcp/$REDIS_HOST/$REDIS_PORT" 2>/dev/null || return 1
+    # The braces keep 2>/dev/null to this line: on `exec` itself it would silence the script.
+    { exec 3<>"/dev/tcp/$REDIS_HOST/$REDIS_PORT"; } 2>/dev/null || return 1
     printf 'PING\r\n' >&3
     local reply; read -r -t 2 reply <&3 || true
     exec 3>&-
