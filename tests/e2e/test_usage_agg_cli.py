@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from tests.conftest import pg_connect
+from tests.conftest import pg_connect, redis_server_binary
 from usage_agg.aggregate import aggregate_day
 from usage_agg.tracking import track_usage
 
@@ -140,10 +139,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def own_redis(tmp_path):
-    """A redis-server of this test's own, configured as each case needs."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server binary on this machine")
+    """A redis-server of this test's own, configured as each case needs (the machine's binary, or
+    the embedded one where it has none)."""
+    binary = redis_server_binary()
     processes = []
 
     def start(*options: str) -> int:
