@@ -1,8 +1,9 @@
 """Shared fixtures: the real Redis and PostgreSQL, each test with its own data.
 
 Services come from USAGE_AGG_REDIS_HOST/PORT and USAGE_AGG_PG_HOST/PORT/USER/DATABASE
-(set by tools/airflow-env.sh; the usual localhost ports otherwise). Each test gets an
-emptied Redis database of its own tier and a PostgreSQL schema of its own, dropped after.
+(set by tools/airflow-env.sh; the usual localhost ports otherwise), read here only: every
+test takes the suite's addresses from these settings. Each test gets an emptied Redis
+database of its own tier and a PostgreSQL schema of its own, dropped after.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pendulum
 import pytest
 
+from tests.conftest import PG_DATABASE, PG_HOST, PG_PORT, REDIS_HOST, REDIS_PORT
 from tests.dags.conftest import AIRFLOW_V3, load_dagbag, run_dag
 from usage_agg.alerts import UsageAlertNotifier
 from usage_agg.operators import RedisUsageToPostgresOperator
@@ -120,9 +121,13 @@ def test_operator_reports_lineage_without_credentials(redis_client, usage_env, m
     operator.execute({"ti": mocker.MagicMock(dag_id="d", run_id="r", task_id="t", map_index=-1)})
     lineage = operator.get_openlineage_facets_on_complete(None)
     db = redis_client.connection_pool.connection_kwargs["db"]
-    assert [(d.namespace, d.name) for d in lineage.inputs] == [(f"redis://127.0.0.1:6379/{db}", "usage:*:2025-11-01:*")]
+    assert [(d.namespace, d.name) for d in lineage.inputs] == [
+        (f"redis://{REDIS_HOST}:{REDIS_PORT}/{db}", "usage:*:2025-11-01:*")
+    ]
     schema = usage_env.split(".")[0]
-    assert [(d.namespace, d.name) for d in lineage.outputs] == [("postgres://127.0.0.1:5432", f"test.{schema}.merchant_usage")]
+    assert [(d.namespace, d.name) for d in lineage.outputs] == [
+        (f"postgres://{PG_HOST}:{PG_PORT}", f"{PG_DATABASE}.{schema}.merchant_usage")
+    ]
 
 
 def test_metrics_reach_statsd(redis_client, usage_env):
