@@ -130,9 +130,16 @@ start_pg() {
         | grep -q 1 || "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$PG_DATABASE"
 }
 
+running() {  # an exited process not yet reaped (a zombie) counts as gone
+    local status; status=$(cat "/proc/$1/status" 2>/dev/null) || return 1
+    [[ ! "$status" =~ State:[[:space:]]+Z ]]
+}
+
 stop_embedded() {  # SIGTERM to Redis, fast shutdown to PostgreSQL; wait until both are gone
-    local pidfile pids=()
-    for pidfile in "$STATE"/redis-*/redis.pid "$PG_STATE"/pg-*/postmaster.pid; do
+    local pidfile pids=() pidfiles=("$STATE"/redis-*/redis.pid "$PG_STATE"/pg-*/postmaster.pid)
+    # and, as root, a PostgreSQL an earlier services.sh started inside the checkout
+    [[ "$PG_STATE" == "$STATE" ]] || pidfiles+=("$STATE"/pg-*/postmaster.pid)
+    for pidfile in "${pidfiles[@]}"; do
         [[ -f "$pidfile" ]] || continue
         local pid; pid=$(head -1 "$pidfile")
         if [[ "$pidfile" == */postmaster.pid ]]; then kill -INT "$pid" 2>/dev/null || true
@@ -140,16 +147,15 @@ stop_embedded() {  # SIGTERM to Redis, fast shutdown to PostgreSQL; wait until b
         pids+=("$pid")
     done
     for pid in "${pids[@]}"; do
-        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        if kill -0 "$pid" 2>/dev/null; then echo "services: process $pid did not stop" >&2; return 1; fi
+        for _ in $(seq 100); do running "$pid" || break; sleep 0.1; done
+        if running "$pid"; then echo "services: process $pid did not stop" >&2; return 1; fi
     done
     # The embedded PostgreSQL keeps nothing worth keeping (like the embedded Redis, run with
     # --save ""): its data goes, and outside the checkout its copy of the binaries too.
+    rm -rf "$STATE"/pg-*
     if [[ "$PG_STATE" != "$STATE" ]]; then
         rm -rf "$PG_STATE"
         rmdir "$(dirname "$PG_STATE")" 2>/dev/null || true  # the last checkout's turns the light off
-    else
-        rm -rf "$STATE"/pg-*
     fi
 }
 
