@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from tests.redis_cluster import redis_server_binary
+from tests.conftest import redis_server_binary
 
 
 def free_port() -> int:
