@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")  # Airflow's import-time deprecation notices are not ours to show
     args = _parser().parse_args(argv)
-    logging.getLogger("airflow").setLevel(logging.ERROR)
+    # Our errors are one line each. Airflow 2 also logs, to stdout, a traceback for a secrets
+    # backend entry it cannot parse, and the traceback can quote the entry, password included.
+    logging.getLogger("airflow").setLevel(logging.CRITICAL)
     try:
         _check_utf8(args)
         return args.command(args)
@@ -264,7 +266,8 @@ def _guard(what: str, action):
             conn_id = what.split("'")[1] if "'" in what else what
             raise CliError(
                 f"connection {conn_id!r} is not defined "
-                f"(set AIRFLOW_CONN_{conn_id.upper()}, a secrets backend entry, or add it to the metadata DB)"
+                f"(set AIRFLOW_CONN_{conn_id.upper()}, a secrets backend entry, or add it to the metadata DB; "
+                "Airflow skips a secrets backend entry it cannot parse as if it were not there)"
             ) from None
         if name == "ValueError":
             raise CliError(str(err)) from None

@@ -138,6 +138,19 @@ def test_status_names_a_malformed_connection_too(usage_env):
     assert "AIRFLOW_CONN_USAGE_REDIS is set but cannot be parsed" in line and SECRET not in line
 
 
+def test_a_secrets_backend_entry_airflow_cannot_parse_shows_no_traceback_nor_secret(usage_env, tmp_path):
+    secrets = tmp_path / "connections.json"
+    secrets.write_text(json.dumps({"vaulted_redis": f"redis://user:{SECRET}@cache://x://y"}))
+    env = {
+        "AIRFLOW__SECRETS__BACKEND": "airflow.secrets.local_filesystem.LocalFilesystemBackend",
+        "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps({"connections_file_path": str(secrets)}),
+    }
+    done = usage_agg("health", "--redis-conn-id", "vaulted_redis", env=env)
+    line = one_line_error(done)
+    assert "connection 'vaulted_redis' is not defined" in line and "entry it cannot parse" in line
+    assert SECRET not in done.stdout + done.stderr
+
+
 def test_a_merchant_id_that_is_not_utf8_is_named(usage_env):
     line = one_line_error(usage_agg("status", DAY, "--merchant", b"acme\xff"))
     assert line == "usage-agg: --merchant: the merchant id is not valid UTF-8 (byte 0xff at byte offset 4)"
