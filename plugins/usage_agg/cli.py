@@ -227,7 +227,9 @@ def _redact(message: str, value: str) -> str:
         if password:
             secrets |= {password, urllib.parse.unquote(password)}
     for match in re.finditer(r'"password"\s*:\s*"((?:[^"\\]|\\.)*)"', value):
-        secrets.add(match.group(1))
+        secrets.add(match.group(1))  # as written, escapes and all; and as decoded:
+    if isinstance(parsed, dict) and isinstance(parsed.get("password"), str):
+        secrets.add(parsed["password"])
     for secret in sorted((s for s in secrets if s), key=len, reverse=True):
         message = message.replace(secret, "***")
 
