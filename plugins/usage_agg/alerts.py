@@ -1,13 +1,19 @@
 """Alerting on failure, built on Airflow's notifiers.
 
 ``UsageAlertNotifier`` is the DAGs' ``on_failure_callback``. Its channels are read
-when it fires, from the environment or else an Airflow Variable of the same name:
+when it fires:
 
-- ``USAGE_AGG_ALERT_WEBHOOK``: a URL that receives a JSON POST (Slack-compatible ``text``);
-- ``USAGE_AGG_ALERT_EMAIL``: comma-separated addresses, sent with the SMTP provider's
-  ``SmtpNotifier`` over Airflow's ``smtp_default`` connection.
+- the Airflow connection ``usage_agg_alert`` (another id: ``USAGE_AGG_ALERT_CONN_ID``),
+  whose **password** holds the webhook URL: Airflow masks connection passwords in
+  task logs, so this is where a URL with a token belongs;
+- ``USAGE_AGG_ALERT_WEBHOOK`` (env, or else an Airflow Variable of that name): a
+  webhook URL too, registered with Airflow's secrets masker as soon as it is read;
+- ``USAGE_AGG_ALERT_EMAIL`` (env or Variable): comma-separated addresses, sent with
+  the SMTP provider's ``SmtpNotifier`` over Airflow's ``smtp_default`` connection.
 
-With neither set, the alert is one clear log line; a notifier never raises.
+Each webhook receives a JSON POST (Slack-compatible ``text``). With no channel, the
+alert is one clear log line. A notifier never raises, and never logs a webhook's
+URL, path or query (its host alone): they may hold a token.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import html
 import json
 import logging
 import os
+import re
 import urllib.parse
 import urllib.request
 
@@ -25,6 +32,8 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_SETTING = "USAGE_AGG_ALERT_WEBHOOK"
 EMAIL_SETTING = "USAGE_AGG_ALERT_EMAIL"
+CONN_ID_SETTING = "USAGE_AGG_ALERT_CONN_ID"
+DEFAULT_CONN_ID = "usage_agg_alert"
 
 
 def alert_setting(name: str) -> str | None:
@@ -50,8 +59,51 @@ def describe_failure(context) -> dict:
     return {"text": text, "dag_id": dag_id, "run_id": run_id, "task_id": task_id, "reason": str(reason)}
 
 
+def _mask(secret: str) -> None:
+    """Register ``secret`` with Airflow's secrets masker, so any log line that holds it shows ``***``."""
+    try:
+        from airflow.providers.common.compat.sdk import mask_secret  # the SDK's on 3.x, core's on 2.x
+
+        mask_secret(secret)
+        if secret.strip() != secret:
+            mask_secret(secret.strip())
+    except Exception as err:  # masking is a safeguard: never a reason to lose the alert
+        log.warning("Could not register the alert webhook URL with Airflow's secrets masker (%s)", type(err).__name__)
+
+
+def alert_conn_id() -> str:
+    return alert_setting(CONN_ID_SETTING) or DEFAULT_CONN_ID
+
+
+def webhook_from_connection(conn_id: str) -> tuple[str, str] | None:
+    """``(source, url)`` from the alert connection's password, or ``None`` when it is not defined."""
+    source = f"connection {conn_id!r}"
+    try:
+        from airflow.providers.common.compat.sdk import BaseHook
+
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as err:
+        if type(err).__name__ != "AirflowNotFoundException":
+            log.warning("Alert %s could not be read (%s)", source, type(err).__name__)
+        return None
+    url = conn.password or ""
+    if url:
+        _mask(url)  # Airflow masks it when it loads the connection; this makes sure
+        return source, url
+    log.error("Alert %s has no password: put the webhook URL in its password field", source)
+    return None
+
+
+def webhook_from_setting() -> tuple[str, str] | None:
+    url = alert_setting(WEBHOOK_SETTING)
+    if not url:
+        return None
+    _mask(url)
+    return WEBHOOK_SETTING, url
+
+
 class UsageAlertNotifier(BaseNotifier):
-    """Send a failure to the configured webhook and/or e-mail addresses."""
+    """Send a failure to the configured webhooks and/or e-mail addresses; never raise."""
 
     template_fields = ()
 
@@ -62,32 +114,67 @@ class UsageAlertNotifier(BaseNotifier):
             super().render_template_fields(context, jinja_env)
 
     def notify(self, context) -> None:
+        try:
+            self._notify(context)
+        except Exception as err:  # a failing alert must not hide, or replace, the failure it reports
+            log.error("usage-agg alert could not be sent (%s)", type(err).__name__)
+
+    def _notify(self, context) -> None:
         alert = describe_failure(context)
-        webhook, email = alert_setting(WEBHOOK_SETTING), alert_setting(EMAIL_SETTING)
-        if not webhook and not email:
+        conn_id = alert_conn_id()
+        webhooks = [w for w in (webhook_from_connection(conn_id), webhook_from_setting()) if w]
+        email = alert_setting(EMAIL_SETTING)
+        if not webhooks and not email:
             log.warning(
-                "%s (no alert channel configured: set %s or %s as env or Airflow Variable)",
+                "%s (no alert channel configured: define the Airflow connection %r with the webhook URL as its "
+                "password, or set %s or %s as env or Airflow Variable)",
                 alert["text"],
+                conn_id,
                 WEBHOOK_SETTING,
                 EMAIL_SETTING,
             )
             return
-        if webhook:
-            self._post(webhook, alert)
+        posted: set[str] = set()
+        for source, url in webhooks:
+            if url.strip() not in posted:
+                posted.add(url.strip())
+                self._post(url.strip(), alert, source)
         if email:
             self._mail(email, alert, context)
 
     @staticmethod
-    def _post(url: str, alert: dict) -> None:
-        host = urllib.parse.urlsplit(url).hostname  # the URL itself may hold a token: never logged
-        request = urllib.request.Request(
-            url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}, method="POST"
-        )
+    def _post(url: str, alert: dict, source: str) -> None:
+        """POST ``alert`` to ``url``; log the outcome by host (the URL, path and query may hold a token)."""
         try:
+            parts = urllib.parse.urlsplit(url)
+            host = parts.hostname
+        except ValueError:  # e.g. an unbalanced IPv6 bracket
+            parts, host = None, None
+        scheme_ok = parts is not None and parts.scheme in ("http", "https")
+        if not scheme_ok or not host:
+            problem = "it names no host" if scheme_ok else "it does not start with http:// or https://"
+            log.error(
+                "Alert not posted: the webhook URL from %s is not usable (%s; the URL itself is not shown, "
+                "it may hold a token); alert was: %s",
+                source,
+                problem,
+                alert["text"],
+            )
+            return
+        try:
+            request = urllib.request.Request(
+                url, data=json.dumps(alert).encode(), headers={"Content-Type": "application/json"}, method="POST"
+            )
             with urllib.request.urlopen(request, timeout=10) as response:
-                log.info("Alert posted to webhook at %s (HTTP %s)", host, response.status)
+                log.info("Alert posted to the webhook at %s from %s (HTTP %s)", host, source, response.status)
         except Exception as err:
-            log.error("Alert could not be posted to the webhook at %s: %s; alert was: %s", host, err, alert["text"])
+            log.error(
+                "Alert could not be posted to the webhook at %s from %s: %s; alert was: %s",
+                host,
+                source,
+                _without_url(str(err) or type(err).__name__, url),
+                alert["text"],
+            )
 
     @staticmethod
     def _mail(addresses: str, alert: dict, context) -> None:
@@ -101,3 +188,13 @@ class UsageAlertNotifier(BaseNotifier):
             ).notify(context)
         except Exception as err:
             log.error("Alert e-mail could not be sent: %s; alert was: %s", err, alert["text"])
+
+
+def _without_url(message: str, url: str) -> str:
+    """``message`` (an error about ``url``) with the URL, its userinfo, path, query and quoted parts as ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    secrets = {url, parts.netloc.rpartition("@")[0], parts.path, parts.query, parts.fragment}
+    secrets |= {urllib.parse.unquote(s) for s in secrets}
+    for secret in sorted((s for s in secrets if len(s) > 1), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return re.sub(r"'([^']+)'", lambda m: "'***'" if m.group(1) in url and m.group(1) != parts.hostname else m.group(0), message)

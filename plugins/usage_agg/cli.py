@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
+import urllib.parse
 import warnings
 
 EXIT_OK, EXIT_PROBLEM, EXIT_ERROR = 0, 1, 2
@@ -27,8 +29,11 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")  # Airflow's import-time deprecation notices are not ours to show
     args = _parser().parse_args(argv)
-    logging.getLogger("airflow").setLevel(logging.ERROR)
+    # Our errors are one line each. Airflow 2 also logs, to stdout, a traceback for a secrets
+    # backend entry it cannot parse, and the traceback can quote the entry, password included.
+    logging.getLogger("airflow").setLevel(logging.CRITICAL)
     try:
+        _check_utf8(args)
         return args.command(args)
     except CliError as err:
         print(f"usage-agg: {err}", file=sys.stderr)
@@ -97,6 +102,45 @@ def run_health(args) -> int:
     return EXIT_OK if report.healthy else EXIT_PROBLEM
 
 
+#: What each argument holds, for errors about its bytes.
+_ARGUMENT_NAMES = {
+    "merchant": ("--merchant", "the merchant id"),
+    "date": ("date", "the date"),
+    "table": ("--table", "the table name"),
+    "redis_conn_id": ("--redis-conn-id", "the connection id"),
+    "postgres_conn_id": ("--postgres-conn-id", "the connection id"),
+}
+
+
+def _check_utf8(args) -> None:
+    """Refuse arguments whose bytes are not UTF-8 (Python keeps them as lone surrogates).
+
+    Redis keys and PostgreSQL text are UTF-8: such an argument could never match, and
+    would fail deep inside a driver with an encoding error that names neither.
+    """
+    for attribute, value in vars(args).items():
+        if not isinstance(value, str):
+            continue
+        problem = _not_utf8(value)
+        if problem:
+            option, what = _ARGUMENT_NAMES.get(attribute, (attribute, "the value"))
+            raise CliError(f"{option}: {what} is not valid UTF-8 ({problem})")
+
+
+def _not_utf8(value: str) -> str | None:
+    """``None`` for a valid UTF-8 string, else where its first bad byte is."""
+    try:
+        value.encode("utf-8")
+        return None
+    except UnicodeEncodeError as err:
+        try:
+            raw = value.encode("utf-8", "surrogateescape")  # the bytes as the command line held them
+            offset = len(value[: err.start].encode("utf-8", "surrogateescape"))
+            return f"byte 0x{raw[offset]:02x} at byte offset {offset}"
+        except UnicodeEncodeError:
+            return f"a lone surrogate at character {err.start}"
+
+
 class _stores:
     def __init__(self, args) -> None:
         self.args = args
@@ -118,13 +162,82 @@ def _resolvable(conn_id: str) -> None:
     Airflow 3's hooks resolve connections through the task SDK, which outside a task
     sees env vars and secrets backends but not the metadata DB; the core model also
     searches the metadata DB. The result is passed on in this process's environment only.
+
+    A connection set in the environment is parsed here first: Airflow skips a value
+    it cannot parse and reports the connection as not defined (Airflow 2 also logs
+    a traceback that may quote the value).
     """
     variable = f"AIRFLOW_CONN_{conn_id.upper()}"
     if variable in os.environ:
+        _check_env_connection(variable, os.environ[variable], conn_id)
         return
     from airflow.models.connection import Connection
 
     os.environ[variable] = Connection.get_connection_from_secrets(conn_id).as_json()
+
+
+def _check_env_connection(variable: str, value: str, conn_id: str) -> None:
+    """Parse ``value`` as Airflow's environment backend does; explain, without the value, why it cannot be."""
+    from airflow.providers.common.compat.sdk import Connection
+
+    unusable = f"{variable} is set but cannot be parsed as an Airflow connection"
+    problem = _not_utf8(value)
+    if problem:
+        raise CliError(f"{unusable}: it is not valid UTF-8 ({problem})")
+    text = value.strip()
+    if not text:
+        raise CliError(f"{unusable}: it is empty")
+    try:
+        if text.startswith("{"):  # JSON, as Airflow decides by the first character
+            Connection.from_json(value=text, conn_id=conn_id)
+            return
+        if "://" not in text:  # Airflow would make an empty connection of it, with no type and no host
+            raise ValueError("not a JSON object and not a URI of the form type://[login:password@]host[:port][/schema]")
+        if hasattr(Connection, "from_uri"):  # Airflow 3's task SDK
+            Connection.from_uri(conn_id=conn_id, uri=text)
+        else:
+            Connection(conn_id=conn_id, uri=text)
+    except Exception as err:
+        kind = "JSON" if text.startswith("{") else "URI"
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else " ".join(str(err).split())
+        where = f" (line {err.lineno} column {err.colno})" if isinstance(err, json.JSONDecodeError) else ""
+        raise CliError(f"{unusable} ({kind}): {_redact(reason, text) or type(err).__name__}{where}") from None
+
+
+_QUOTED = re.compile(r"'([^']*)'|\"([^\"]*)\"")
+
+
+def _redact(message: str, value: str) -> str:
+    """``message`` without anything taken from ``value`` that could be a secret.
+
+    Airflow's parse errors can quote the value whole ("Invalid connection string:
+    <URI>") or in part (a port, a key): the value, its password and any quoted
+    fragment of it but a JSON object's field name become ``***``.
+    """
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    names = set(parsed) if isinstance(parsed, dict) else set()  # a field name says what is wrong, holds no secret
+    secrets = {value}
+    userinfo = value.partition("://")[2].rpartition("@")[0]
+    if userinfo:
+        secrets.add(userinfo)
+        password = userinfo.partition(":")[2]
+        if password:
+            secrets |= {password, urllib.parse.unquote(password)}
+    for match in re.finditer(r'"password"\s*:\s*"((?:[^"\\]|\\.)*)"', value):
+        secrets.add(match.group(1))  # as written, escapes and all; and as decoded:
+    if isinstance(parsed, dict) and isinstance(parsed.get("password"), str):
+        secrets.add(parsed["password"])
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        message = message.replace(secret, "***")
+
+    def quoted(match: re.Match) -> str:
+        fragment = match.group(1) if match.group(1) is not None else match.group(2)
+        return "'***'" if fragment and fragment in value and fragment not in names else match.group(0)
+
+    return _QUOTED.sub(quoted, message)
 
 
 def _redis(conn_id: str):
@@ -155,7 +268,8 @@ def _guard(what: str, action):
             conn_id = what.split("'")[1] if "'" in what else what
             raise CliError(
                 f"connection {conn_id!r} is not defined "
-                f"(set AIRFLOW_CONN_{conn_id.upper()}, a secrets backend entry, or add it to the metadata DB)"
+                f"(set AIRFLOW_CONN_{conn_id.upper()}, a secrets backend entry, or add it to the metadata DB; "
+                "Airflow skips a secrets backend entry it cannot parse as if it were not there)"
             ) from None
         if name == "ValueError":
             raise CliError(str(err)) from None

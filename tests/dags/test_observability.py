@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -74,7 +75,93 @@ def test_notifier_without_a_channel_logs_one_clear_line(monkeypatch, caplog):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(f"AIRFLOW_VAR_{name}", raising=False)
     UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
-    assert "no alert channel configured: set USAGE_AGG_ALERT_WEBHOOK or USAGE_AGG_ALERT_EMAIL" in caplog.text
+    assert (
+        "no alert channel configured: define the Airflow connection 'usage_agg_alert' with the webhook URL as its "
+        "password, or set USAGE_AGG_ALERT_WEBHOOK or USAGE_AGG_ALERT_EMAIL as env or Airflow Variable"
+    ) in caplog.text
+
+
+SCHEMELESS_URL = "hooks.example.com/services/T0/B0/secret-token"
+
+
+def alert_connection(url: str) -> str:
+    """The alert connection as ``AIRFLOW_CONN_*`` JSON: the webhook URL is its password."""
+    return json.dumps({"conn_type": "generic", "password": url})
+
+
+def configure_webhook(monkeypatch, source: str, url: str) -> None:
+    """Point exactly one webhook source at ``url``."""
+    for name in ("USAGE_AGG_ALERT_WEBHOOK", "AIRFLOW_VAR_USAGE_AGG_ALERT_WEBHOOK", "AIRFLOW_CONN_USAGE_AGG_ALERT",
+                 "USAGE_AGG_ALERT_CONN_ID", "USAGE_AGG_ALERT_EMAIL", "AIRFLOW_VAR_USAGE_AGG_ALERT_EMAIL"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    name = {
+        "env": "USAGE_AGG_ALERT_WEBHOOK",
+        "variable": "AIRFLOW_VAR_USAGE_AGG_ALERT_WEBHOOK",  # an Airflow Variable, from env
+        "connection": "AIRFLOW_CONN_USAGE_AGG_ALERT",
+    }[source]
+    monkeypatch.setenv(name, alert_connection(url) if source == "connection" else url)
+
+
+@pytest.mark.parametrize("source", ["env", "variable", "connection"])
+def test_a_webhook_url_without_a_scheme_neither_raises_nor_shows(source, monkeypatch, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    configure_webhook(monkeypatch, source, SCHEMELESS_URL)
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "exception": ValueError("3 new bad keys")})
+    out, err = capfd.readouterr()
+    for shown in (caplog.text, out, err):
+        assert "secret-token" not in shown and "services/T0" not in shown
+    assert "is not usable (it does not start with http:// or https://" in caplog.text
+    assert "failed at task aggregate_current_day: 3 new bad keys" in caplog.text  # the alert itself is not lost
+
+
+@pytest.mark.parametrize("conn_id", [None, "pager_webhook"])
+def test_notifier_posts_to_the_webhook_in_the_alert_connection(conn_id, webhook, monkeypatch, caplog, capfd):
+    url, received = webhook
+    configure_webhook(monkeypatch, "connection", url)
+    if conn_id:  # another connection id, and no connection under the default one
+        monkeypatch.delenv("AIRFLOW_CONN_USAGE_AGG_ALERT")
+        monkeypatch.setenv("USAGE_AGG_ALERT_CONN_ID", conn_id)
+        monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", alert_connection(url))
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "exception": ValueError("3 new bad keys")})
+    assert [r["text"] for r in received] == [
+        "usage-agg: usage_aggregation run manual__x failed at task aggregate_current_day: 3 new bad keys"
+    ]
+    assert f"Alert posted to the webhook at 127.0.0.1 from connection '{conn_id or 'usage_agg_alert'}'" in caplog.text
+    assert "SECRET-TOKEN" not in caplog.text + "".join(capfd.readouterr())
+
+
+def test_a_webhook_in_both_the_connection_and_the_setting_gets_each_url_once(webhook, monkeypatch):
+    url, received = webhook
+    configure_webhook(monkeypatch, "connection", url)
+    monkeypatch.setenv("USAGE_AGG_ALERT_WEBHOOK", url)  # the same URL twice: one POST
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
+    assert len(received) == 1
+    monkeypatch.setenv("USAGE_AGG_ALERT_WEBHOOK", url + "?copy=2")  # two URLs: each gets it
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
+    assert len(received) == 3
+
+
+@pytest.mark.parametrize("source", ["env", "variable", "connection"])
+def test_the_webhook_url_is_registered_with_airflows_secrets_masker(source, webhook, monkeypatch):
+    from airflow.providers.common.compat.sdk import redact  # what Airflow's task logs apply
+
+    url, received = webhook
+    url = f"{url}-{source}"  # a URL this process has not seen yet
+    configure_webhook(monkeypatch, source, url)
+    assert redact(f"posting to {url}") == f"posting to {url}"
+    UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
+    assert len(received) == 1
+    assert redact(f"posting to {url}") == "posting to ***"
+
+
+def test_a_failed_merchant_rerun_alerts_the_webhook_in_the_connection(webhook, monkeypatch, redis_client, usage_env):
+    url, received = webhook
+    configure_webhook(monkeypatch, "connection", url)
+    redis_client.set("usage:acme:2025-11-01:queries", "NaN")
+    states = run_dag("usage_aggregation_merchant", conf={"merchant_id": "acme", "date": "2025-11-01"})
+    assert states["aggregate_merchant_day[0]"] == "failed"
+    assert len(received) == 1 and received[0]["dag_id"] == "usage_aggregation_merchant"
+    assert "new bad key" in received[0]["reason"]
 
 
 def test_notifier_survives_an_unreachable_webhook(monkeypatch, caplog):

@@ -19,7 +19,7 @@ from usage_agg.tracking import track_usage
 DAY = "2025-11-01"
 
 
-def usage_agg(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def usage_agg(*args: str | bytes, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["usage-agg", *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
     )
@@ -27,7 +27,7 @@ def usage_agg(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 def one_line_error(done: subprocess.CompletedProcess) -> str:
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "Traceback" not in done.stderr
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     return lines[0]
@@ -104,6 +104,55 @@ def test_clear_one_line_errors(usage_env):
         usage_agg("health", env={"AIRFLOW_CONN_USAGE_POSTGRES": f"postgresql://u:{secret}@127.0.0.1:1/x"})
     )
     assert "cannot reach PostgreSQL" in refused and secret not in refused
+
+
+SECRET = "s3cr3t-pw"
+
+#: Connection values Airflow cannot use, and the reason the error must give.
+MALFORMED_CONNECTIONS = [
+    ("USAGE_REDIS", "{not json", "(JSON): Expecting property name enclosed in double quotes (line 1 column 2)"),
+    ("USAGE_REDIS", f"redis://user:{SECRET}@cache:sixthree/0", "(URI): Port could not be cast to integer value"),
+    ("USAGE_REDIS", "cache.internal:6379", "(URI): not a JSON object and not a URI of the form type://"),
+    ("USAGE_REDIS", "   ", ": it is empty"),
+    # Airflow's own message quotes this URI whole, password included
+    ("USAGE_POSTGRES", f"postgresql://user:{SECRET}@db://x://y", "(URI): Invalid connection string: ***"),
+    ("USAGE_POSTGRES", json.dumps({"conn_type": "postgres", "password": SECRET, "port": "five"}),
+     "(JSON): Expected integer value for `port`"),
+    ("USAGE_POSTGRES", json.dumps({"conn_type": "postgres", "password": SECRET, "hots": "db"}),
+     "got an unexpected keyword argument 'hots'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("conn", "value", "reason"), MALFORMED_CONNECTIONS)
+def test_a_set_but_malformed_connection_says_why_without_its_value(conn, value, reason, usage_env):
+    done = usage_agg("health", env={f"AIRFLOW_CONN_{conn}": value})
+    line = one_line_error(done)
+    assert line.startswith(f"usage-agg: AIRFLOW_CONN_{conn} is set but cannot be parsed as an Airflow connection"), line
+    assert reason in line
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_status_names_a_malformed_connection_too(usage_env):
+    line = one_line_error(usage_agg("status", DAY, env={"AIRFLOW_CONN_USAGE_REDIS": f"redis://u:{SECRET}@h:x"}))
+    assert "AIRFLOW_CONN_USAGE_REDIS is set but cannot be parsed" in line and SECRET not in line
+
+
+def test_a_secrets_backend_entry_airflow_cannot_parse_shows_no_traceback_nor_secret(usage_env, tmp_path):
+    secrets = tmp_path / "connections.json"
+    secrets.write_text(json.dumps({"vaulted_redis": f"redis://user:{SECRET}@cache://x://y"}))
+    env = {
+        "AIRFLOW__SECRETS__BACKEND": "airflow.secrets.local_filesystem.LocalFilesystemBackend",
+        "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps({"connections_file_path": str(secrets)}),
+    }
+    done = usage_agg("health", "--redis-conn-id", "vaulted_redis", env=env)
+    line = one_line_error(done)
+    assert "connection 'vaulted_redis' is not defined" in line and "entry it cannot parse" in line
+    assert SECRET not in done.stdout + done.stderr
+
+
+def test_a_merchant_id_that_is_not_utf8_is_named(usage_env):
+    line = one_line_error(usage_agg("status", DAY, "--merchant", b"acme\xff"))
+    assert line == "usage-agg: --merchant: the merchant id is not valid UTF-8 (byte 0xff at byte offset 4)"
 
 
 def test_connections_from_the_metadata_db(redis_client, usage_env):
