@@ -102,6 +102,19 @@ def webhook_from_setting() -> tuple[str, str] | None:
     return WEBHOOK_SETTING, url
 
 
+def describe_data_loss(context, result) -> dict:
+    """The alert for a run that found counters reset: Redis lost data (the run itself succeeded)."""
+    ti = context.get("task_instance") or context.get("ti")
+    dag_id, run_id, task_id = (getattr(ti, name, None) for name in ("dag_id", "run_id", "task_id"))
+    text = (
+        f"usage-agg: Redis lost data: {result.resets} counter(s) of {result.usage_date} in {result.table} were reset "
+        f"(restart, failover, snapshot restore or eviction), seen by {dag_id} run {run_id} task {task_id}. "
+        f"What was counted before is kept; growth between the reset and this run may be lost. "
+        f"First ones: {result.reset_samples[:5]}"
+    )
+    return {"text": text, "dag_id": dag_id, "run_id": run_id, "task_id": task_id, "reason": "redis_data_loss"}
+
+
 class UsageAlertNotifier(BaseNotifier):
     """Send a failure to the configured webhooks and/or e-mail addresses; never raise."""
 
@@ -114,13 +127,16 @@ class UsageAlertNotifier(BaseNotifier):
             super().render_template_fields(context, jinja_env)
 
     def notify(self, context) -> None:
+        self.send(describe_failure(context), context)
+
+    def send(self, alert: dict, context) -> None:
+        """Send ``alert`` (its ``text`` and fields) through every configured channel; never raise."""
         try:
-            self._notify(context)
+            self._send(alert, context)
         except Exception as err:  # a failing alert must not hide, or replace, the failure it reports
             log.error("usage-agg alert could not be sent (%s)", type(err).__name__)
 
-    def _notify(self, context) -> None:
-        alert = describe_failure(context)
+    def _send(self, alert: dict, context) -> None:
         conn_id = alert_conn_id()
         webhooks = [w for w in (webhook_from_connection(conn_id), webhook_from_setting()) if w]
         email = alert_setting(EMAIL_SETTING)

@@ -149,6 +149,10 @@ class RedisUsageToPostgresOperator(BaseOperator):
             pg_conn.close()
 
         metrics.emit_aggregation(result, dag_id=ti.dag_id)
+        if result.resets:  # committed and right, but Redis lost data: someone should know
+            from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
+
+            UsageAlertNotifier().send(describe_data_loss(context, result), context)
         payload = result.to_dict()
         if result.new_bad_keys:
             # The good keys are committed; publish the result before failing so the
@@ -289,6 +293,10 @@ class UsageExpiryCheckOperator(BaseOperator):
                 self.log.error("Could not aggregate %s to save its expiring usage: %s", day, err)
                 raise
             metrics.emit_aggregation(result, dag_id=ti.dag_id)
+            if result.resets:
+                from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
+
+                UsageAlertNotifier().send(describe_data_loss(context, result), context)
             rescues.append(result.to_dict())
 
         try:

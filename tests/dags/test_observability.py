@@ -185,6 +185,24 @@ def test_a_failed_hourly_run_alerts_through_the_dag_callback(webhook, monkeypatc
     ], received
 
 
+def test_a_reset_succeeds_and_alerts_once_that_redis_lost_data(webhook, monkeypatch, redis_client, usage_env, query):
+    url, received = webhook
+    monkeypatch.setenv("USAGE_AGG_ALERT_WEBHOOK", url)
+    track_usage(redis_client, "acme", "queries", 100, usage_date="2025-11-02")
+    first = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))
+    assert set(first.values()) == {"success"} and received == []
+    redis_client.set("usage:acme:2025-11-02:queries", 30)  # Redis lost the counter; writers count on
+    states = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC"))
+    assert set(states.values()) == {"success"}  # the committed rows are right
+    run_id, _ = last_run("usage_aggregation")
+    assert [(a["dag_id"], a["run_id"], a["task_id"], a["reason"]) for a in received] == [
+        ("usage_aggregation", run_id, "aggregate_current_day", "redis_data_loss")
+    ], received
+    assert received[0]["text"].startswith("usage-agg: Redis lost data: 1 counter(s) of 2025-11-02 in ")
+    assert query(f"SELECT quantity, redis_offset FROM {usage_env}") == [(100, 70)]
+    assert run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 5, tz="UTC")) and len(received) == 1
+
+
 def last_run(dag_id: str) -> tuple[str, str]:
     """The run id and state of the DAG's latest run in the metadata DB."""
     from airflow.models.dagrun import DagRun
