@@ -287,7 +287,11 @@ def _format_status(s) -> str:
     for metric in sorted(set(s.redis_totals) | set(s.table_totals)):
         lines.append(f"  {'total ' + metric:<22}{s.redis_totals.get(metric, 0):>14}{s.table_totals.get(metric, 0):>14}")
     lines.append(f"  rows that differ: {s.differing_rows}")
-    lines += [f"    {d['merchant_id']!r} {d['metric_type']}: Redis {d['redis']}, stored {d['stored']}" for d in s.differences]
+    lines += [
+        f"    {d['merchant_id']!r} {d['metric_type']}: Redis {d['redis']}, stored {d['stored']}"
+        + (f" ({d['offset']} of it counted before a reset)" if d.get("offset") else "")
+        for d in s.differences
+    ]
     lines.append(f"  keys not yet in the table: {s.keys_not_in_table}")
     lines += [f"    {k}" for k in s.missing_keys[:10]]
     lines.append(f"  never aggregated and expiring within a day: {s.expiring_unaggregated}")

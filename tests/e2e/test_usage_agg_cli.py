@@ -67,7 +67,7 @@ def test_status_shows_what_is_out_of_sync(aggregated, usage_env):
     assert done.returncode == 1
     status = json.loads(done.stdout)
     assert status["in_sync"] is False
-    assert status["differences"] == [{"merchant_id": "acme", "metric_type": "queries", "redis": 15, "stored": 5}]
+    assert status["differences"] == [{"merchant_id": "acme", "metric_type": "queries", "redis": 15, "stored": 5, "offset": 0}]
     assert status["missing_keys"] == [f"usage:newcomer:{DAY}:queries"]
     assert status["expiring_unaggregated"] == 1 and 0 < status["expiring_keys"][0]["ttl_seconds"] <= 3600
     assert status["redis_bad_keys"] == 1
@@ -112,7 +112,7 @@ SECRET = "s3cr3t-pw"
 MALFORMED_CONNECTIONS = [
     ("USAGE_REDIS", "{not json", "(JSON): Expecting property name enclosed in double quotes (line 1 column 2)"),
     ("USAGE_REDIS", f"redis://user:{SECRET}@cache:sixthree/0", "(URI): Port could not be cast to integer value"),
-    ("USAGE_REDIS", "cache.internal:6379", "(URI): not a JSON object and not a URI of the form type://"),
+    ("USAGE_REDIS", "cache.internal:7000", "(URI): not a JSON object and not a URI of the form type://"),
     ("USAGE_REDIS", "   ", ": it is empty"),
     # Airflow's own message quotes this URI whole, password included
     ("USAGE_POSTGRES", f"postgresql://user:{SECRET}@db://x://y", "(URI): Invalid connection string: ***"),
