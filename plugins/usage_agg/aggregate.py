@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
-from usage_agg.keys import parse_date
+from usage_agg.keys import HOURLY_PREFIX, parse_date
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import check_unchanged, read_incarnations
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 #: Bad keys named one by one in the log (and the result); all are counted and recorded.
 BAD_KEY_LOG_LIMIT = 100
+HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
 #: Resets returned (and logged) by name; all are counted.
 SAMPLE_LIMIT = 20
 #: Staged rows merged at a time: PostgreSQL merges a chunk while Redis is read for the next.
@@ -46,6 +47,14 @@ class AggregationResult:
     #: what was counted before is kept (see :mod:`usage_agg.sink`)
     resets: int = 0
     bad_keys: int = 0
+    #: hourly rows (from the hourly hashes beside the keys) written, unchanged, found reset
+    hourly_rows_written: int = 0
+    hourly_rows_unchanged: int = 0
+    hourly_resets: int = 0
+    #: hourly hashes, or fields of them, that could not be aggregated (dead-lettered)
+    bad_hourly: int = 0
+    #: keys whose daily total differs from the sum of their hourly counts (where a key has hours)
+    hourly_mismatches: int = 0
     #: bad keys not reported by an earlier run (new, changed, or bad again after a fix)
     new_bad_keys: int = 0
     #: keys matched by SCAN that expired or were deleted before they were read
@@ -58,6 +67,7 @@ class AggregationResult:
     duration_seconds: float = 0.0
     bad_key_samples: list[dict] = field(default_factory=list)
     reset_samples: list[dict] = field(default_factory=list)
+    hourly_mismatch_samples: list[dict] = field(default_factory=list)
 
     @property
     def records_aggregated(self) -> int:
@@ -84,6 +94,7 @@ def aggregate_day(
     create_schema: bool = True,
     partition: str | None = None,
     partition_count: int | None = None,
+    hourly: bool = True,
 ) -> AggregationResult:
     """Copy one date's counters (optionally one merchant's) into the usage table.
 
@@ -101,6 +112,8 @@ def aggregate_day(
         that part alone. Parts of one day run side by side, never beside a whole-day run.
     :param partition_count: how many parts the day was split into, for the audit: the
         day counts as aggregated once every part of one run succeeded.
+    :param hourly: also aggregate each key's hourly hash (``usage-hourly:...``) into the
+        hourly table, in the same transaction; keys without one simply have no hours.
     """
     day = parse_date(usage_date)
     if merchant_id is not None and (not isinstance(merchant_id, str) or not merchant_id):
@@ -131,10 +144,10 @@ def aggregate_day(
     try:
         _aggregate_in_one_transaction(
             redis_client, pg_conn, names, day, result, audit_base, logger, scope, progress,
-            lock_timeout=lock_timeout, batch_size=batch_size, scan_count=scan_count,
+            lock_timeout=lock_timeout, batch_size=batch_size, scan_count=scan_count, hourly=hourly,
         )  # fmt: skip
     except Exception as err:
-        logger.error("Aggregation of %s%s failed: %s", result.usage_date, scope, describe(err))
+        logger.error("Aggregation of %s%s failed: %s", result.usage_date, scope, describe(err, pg_conn))
         _audit_failure(pg_conn, names, result, audit_base, err, progress, logger)
         raise
 
@@ -152,13 +165,23 @@ def aggregate_day(
             result.usage_date,
             result.reset_samples,
         )
+    if result.hourly_mismatches:
+        logger.warning(
+            "%d key(s) of %s have a daily total that differs from the sum of their hourly counts (a writer that "
+            "updates only one of them?). First ones: %s",
+            result.hourly_mismatches,
+            result.usage_date,
+            result.hourly_mismatch_samples,
+        )
     logger.info(
-        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, resets: %d)",
+        "Completed. Records aggregated: %d, Errors: %d (rows written: %d, unchanged: %d, resets: %d; "
+        "hourly rows written: %d)",
         result.records_aggregated,
         result.bad_keys,
         result.rows_written,
         result.rows_unchanged,
         result.resets,
+        result.hourly_rows_written,
     )
     return result
 
@@ -173,7 +196,7 @@ class _Progress:
 
 def _aggregate_in_one_transaction(
     redis_client, pg_conn, names, day, result, audit_base, logger, scope, progress, *, lock_timeout, batch_size,
-    scan_count,
+    scan_count, hourly,
 ) -> None:  # fmt: skip
     # Which life of which Redis server is read: noted before the day's transaction (in
     # one of its own), checked again before commit, so a restart mid-run fails the run.
@@ -186,7 +209,7 @@ def _aggregate_in_one_transaction(
         batches = prefetched(
             lambda: read_day(
                 redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count,
-                method=result.discovery, partition=result.redis_partition, bulk=True,
+                method=result.discovery, partition=result.redis_partition, bulk=True, hourly=hourly,
             )
         )  # fmt: skip
         debug = logger.isEnabledFor(logging.DEBUG)
@@ -199,12 +222,14 @@ def _aggregate_in_one_transaction(
         for batch in batches:
             merged(writer.use_source(sources.get(batch.source, Source(None))))
             refused = writer.stage_plain_rows(batch.plain_rows) + writer.stage(batch.counters)
+            refused += writer.stage_hours(batch.hours)
             result.keys_found += len(batch.plain_rows) + len(batch.counters) + len(batch.bad_keys)
             progress.keys_read = result.keys_found
             result.vanished_keys += batch.vanished
+            _add_mismatches(result, batch)
             if debug:
                 _log_counters(logger, batch)
-            _add_bad_keys(writer, logger, result, batch.bad_keys + refused)
+            _add_bad_keys(writer, logger, result, batch.bad_keys + batch.bad_hours + refused)
             if writer.staged >= MERGE_EVERY_ROWS:  # merge while the reader fetches the next batches
                 merged(writer.merge())
         logger.info("Found %d usage keys to process", result.keys_found)
@@ -221,11 +246,20 @@ def _aggregate_in_one_transaction(
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
 
 
+def _add_mismatches(result: AggregationResult, batch) -> None:
+    result.hourly_mismatches += batch.hourly_mismatches
+    room = SAMPLE_LIMIT - len(result.hourly_mismatch_samples)
+    result.hourly_mismatch_samples.extend(batch.mismatch_samples[: max(room, 0)])
+
+
 def _add_merge(result: AggregationResult, merged: MergeResult) -> None:
     result.rows_written += merged.rows_written
     result.rows_unchanged += merged.rows_unchanged
     result.decreases_refused += merged.decreases_refused
     result.resets += merged.resets
+    result.hourly_rows_written += merged.hourly_rows_written
+    result.hourly_rows_unchanged += merged.hourly_rows_unchanged
+    result.hourly_resets += merged.hourly_resets
     room = SAMPLE_LIMIT - len(result.reset_samples)
     result.reset_samples.extend(merged.reset_samples[: max(room, 0)])
 
@@ -234,7 +268,9 @@ def _add_bad_keys(writer: DayWriter, logger, result: AggregationResult, bad_keys
     if not bad_keys:
         return
     result.new_bad_keys += writer.record_bad_keys(bad_keys)
-    result.bad_keys += len(bad_keys)
+    hourly = sum(1 for bad in bad_keys if bad.raw_key.startswith(HOURLY_KEY_PREFIX))
+    result.bad_hourly += hourly
+    result.bad_keys += len(bad_keys) - hourly
     for bad in bad_keys:
         _report_bad_key(logger, result, bad)
 
@@ -252,7 +288,7 @@ def _audit_failure(pg_conn, names, result, audit_base, err, progress: _Progress,
     It records what was committed (nothing) and, in ``error``, how far the run got.
     """
     error = (
-        f"{type(err).__name__}: {describe(err)} (rolled back after reading {progress.keys_read} keys "
+        f"{type(err).__name__}: {describe(err, pg_conn)} (rolled back after reading {progress.keys_read} keys "
         f"and merging {progress.rows_merged} rows; nothing of this run was committed)"
     )
     try:
@@ -267,7 +303,7 @@ def _counts(result: AggregationResult) -> dict:
         key: getattr(result, key)
         for key in (
             "merchant_id", "keys_found", "rows_written", "rows_unchanged", "decreases_refused", "resets", "bad_keys",
-            "new_bad_keys",
+            "new_bad_keys", "hourly_rows_written", "hourly_mismatches",
         )
     }  # fmt: skip
 

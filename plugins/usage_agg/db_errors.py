@@ -32,16 +32,37 @@ def is_lock_timeout(err: BaseException) -> bool:
     return sqlstate(err) == LOCK_NOT_AVAILABLE
 
 
-def describe(err: BaseException) -> str:
-    """One line: the server's own message, and for a lost connection what can cause it."""
+def describe(err: BaseException, conn=None) -> str:
+    """One line: the server's own message, and for a lost connection its cause.
+
+    A session the server ended leaves its last words (``FATAL: terminating connection
+    due to administrator command``) in the connection's error message, which both
+    drivers expose as ``conn.info.error_message``; the exception alone often says only
+    "server closed the connection unexpectedly" or "the connection is lost".
+    """
     message = " ".join(str(err).split()) or type(err).__name__
     code = sqlstate(err)
     if code:
         return f"{message} (SQLSTATE {code})"
     if "closed the connection" in message or "connection is lost" in message or "connection already closed" in message:
+        last_words = _server_said(conn)
+        if last_words:
+            return f"{message}: the server said {last_words!r}"
         return (
             f"{message}: PostgreSQL ended the session (a backend terminated by an administrator or "
             "pg_terminate_backend, a server restart or crash, idle_in_transaction_session_timeout, or the "
             "network); the server log says which"
         )
     return message
+
+
+def _server_said(conn) -> str | None:
+    """The FATAL (or PANIC) line the server sent before it closed ``conn``, if the driver kept it."""
+    try:
+        text = getattr(getattr(conn, "info", None), "error_message", None) or ""
+    except Exception:  # a closed psycopg2 connection may refuse even this
+        return None
+    for line in str(text).splitlines():
+        if line.startswith(("FATAL:", "PANIC:")):
+            return " ".join(line.split())
+    return None

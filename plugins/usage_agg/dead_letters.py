@@ -2,7 +2,9 @@
 
 A dead letter is keyed by the SHA-256 of the key's raw bytes, so an invalid-UTF-8 key
 and a valid key that merely reads the same once escaped are two letters, and a key of
-any length has one. Its states:
+any length has one. A bad field of an hourly hash has a letter of its own (``raw_key``
+the hash's key, ``hash_field`` the field; its digest covers both, apart from any key's).
+Its states:
 
 =========  ==========================================  =====================================
 state      columns                                     next
@@ -27,6 +29,13 @@ import hashlib
 KEY_PREVIEW = 4096
 
 
+def identity(raw_key: bytes, field: bytes | None = None) -> bytes:
+    """The digest a dead letter is keyed by: the raw key's, or for a hash field, of both (length-prefixed)."""
+    if field is None:
+        return hashlib.sha256(raw_key).digest()
+    return hashlib.sha256(b"field\x00" + len(raw_key).to_bytes(8, "big") + raw_key + field).digest()
+
+
 def key_text(raw_key: bytes) -> str:
     """A key as text for people: invalid UTF-8 backslash-escaped, NUL shown as ``\\x00``."""
     text = raw_key[:KEY_PREVIEW].decode("utf-8", "backslashreplace")
@@ -44,22 +53,22 @@ def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
     """Upsert the dead letters of ``bad_keys``; return how many are new."""
     if not bad_keys:
         return 0
-    unique = {hashlib.sha256(bad.raw_key).digest(): bad for bad in bad_keys}
+    unique = {identity(bad.raw_key, bad.field): bad for bad in bad_keys}
     values = [None if b.raw_value is None else pg_text(b.raw_value.decode("utf-8", "backslashreplace")) for b in unique.values()]
     cur.execute(
         f"""
         WITH incoming AS (
-            SELECT d AS key_sha256, k AS raw_key, t AS redis_key, v AS raw_value, r AS reason
-            FROM unnest(%(digests)s::bytea[], %(keys)s::bytea[], %(texts)s::text[], %(values)s::text[],
-                        %(reasons)s::text[]) AS u(d, k, t, v, r)
+            SELECT d AS key_sha256, k AS raw_key, f AS hash_field, t AS redis_key, v AS raw_value, r AS reason
+            FROM unnest(%(digests)s::bytea[], %(keys)s::bytea[], %(fields)s::bytea[], %(texts)s::text[],
+                        %(values)s::text[], %(reasons)s::text[]) AS u(d, k, f, t, v, r)
         ),
         previous AS (
             SELECT e.key_sha256, e.raw_value, e.reason, e.resolution
             FROM {errors_table} e JOIN incoming i USING (key_sha256)
         ),
         upserted AS (
-            INSERT INTO {errors_table} AS e (key_sha256, raw_key, redis_key, usage_date, raw_value, reason)
-            SELECT key_sha256, raw_key, redis_key, %(day)s, raw_value, reason FROM incoming
+            INSERT INTO {errors_table} AS e (key_sha256, raw_key, hash_field, redis_key, usage_date, raw_value, reason)
+            SELECT key_sha256, raw_key, hash_field, redis_key, %(day)s, raw_value, reason FROM incoming
             ON CONFLICT (key_sha256) DO UPDATE SET
                 raw_value = EXCLUDED.raw_value,
                 reason = EXCLUDED.reason,
@@ -83,7 +92,8 @@ def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
         {
             "digests": list(unique),
             "keys": [bad.raw_key[:KEY_PREVIEW] for bad in unique.values()],
-            "texts": [key_text(bad.raw_key) for bad in unique.values()],
+            "fields": [None if bad.field is None else bad.field[:KEY_PREVIEW] for bad in unique.values()],
+            "texts": [_letter_text(bad) for bad in unique.values()],
             "values": values,
             "reasons": [bad.reason for bad in unique.values()],
             "day": usage_date,
@@ -92,19 +102,37 @@ def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
     return int(cur.fetchone()[0])
 
 
-def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str) -> None:
-    """Mark the open letters of this date fixed whose key is among the staged (clean) counters."""
+def _letter_text(bad) -> str:
+    text = key_text(bad.raw_key)
+    return text if bad.field is None else f"{text} field {key_text(bad.field)}"
+
+
+def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str, hourly: bool = False) -> None:
+    """Mark the open letters of this date fixed whose key (or hour field) is among the staged, clean counters.
+
+    ``hourly``: the stage holds hours (``merchant_id, metric_type, hour``): a letter of the
+    hourly hash itself, or of that field of it, is fixed.
+    """
     cur.execute(
         f"SELECT EXISTS (SELECT 1 FROM {errors_table} WHERE resolved_at IS NULL AND usage_date = %s)", (usage_date,)
     )
     if not cur.fetchone()[0]:
         return
+    if not hourly:
+        digests = f"""SELECT sha256(convert_to('usage:' || merchant_id || ':' || %(day_text)s || ':' || metric_type,
+                                               'UTF8')) AS key_sha256
+                      FROM {staged_table}"""
+    else:
+        key = "convert_to('usage-hourly:' || merchant_id || ':' || %(day_text)s || ':' || metric_type, 'UTF8')"
+        digests = f"""SELECT sha256(k) AS key_sha256 FROM (SELECT DISTINCT {key} AS k FROM {staged_table}) keys
+                      UNION ALL
+                      SELECT sha256('\\x6669656c6400'::bytea || int8send(octet_length(k)::bigint) || k
+                                    || convert_to(lpad(hour::text, 2, '0'), 'UTF8'))
+                      FROM (SELECT {key} AS k, hour FROM {staged_table}) fields"""
     cur.execute(
         f"""
         UPDATE {errors_table} e SET resolved_at = now(), resolution = 'fixed'
-        FROM (SELECT sha256(convert_to('usage:' || merchant_id || ':' || %(day_text)s || ':' || metric_type, 'UTF8'))
-                     AS key_sha256
-              FROM {staged_table}) c
+        FROM ({digests}) c
         WHERE e.resolved_at IS NULL AND e.usage_date = %(day)s AND e.key_sha256 = c.key_sha256
         """,
         {"day": usage_date, "day_text": usage_date.isoformat()},

@@ -19,6 +19,11 @@ KEY_PREFIX = "usage:"
 #: Per-day set of that day's usage keys, written by the tracking helper. It does not
 #: start with KEY_PREFIX, so no usage pattern (``usage:*``) can ever match it.
 INDEX_PREFIX = "usage-index:"
+#: Beside a daily counter, a hash of the same merchant, UTC date and metric with the
+#: day's counts per UTC hour (fields ``00`` to ``23``); its name is the daily key's with
+#: this prefix instead of KEY_PREFIX, so no usage pattern matches it either.
+HOURLY_PREFIX = "usage-hourly:"
+HOUR_FIELDS = tuple(f"{hour:02d}".encode() for hour in range(24))
 BIGINT_MAX = 2**63 - 1
 #: The longest merchant id and metric type accepted, in UTF-8 bytes. PostgreSQL's
 #: primary-key index refuses entries over about 2.7 KB (one third of a page), and a
@@ -92,6 +97,24 @@ def build_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) -> 
     _check_metric_type(metric_type)
     day = parse_date(usage_date)
     return f"{KEY_PREFIX}{merchant_id}:{day.isoformat()}:{metric_type}"
+
+
+def hourly_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) -> str:
+    """The Redis key of the hash that counts one merchant's day and metric by UTC hour."""
+    return HOURLY_PREFIX + build_key(merchant_id, usage_date, metric_type)[len(KEY_PREFIX) :]
+
+
+def hourly_key_of(raw_key: bytes) -> bytes:
+    """The hourly hash beside a daily key (no parsing: derived from its name)."""
+    return HOURLY_PREFIX.encode() + raw_key[len(KEY_PREFIX) :]
+
+
+def parse_hour(field: bytes | str) -> int:
+    """An hourly hash's field: ``00`` to ``23``; anything else is a :class:`BadKeyError`."""
+    raw = field if isinstance(field, bytes) else str(field).encode("utf-8", "surrogateescape")
+    if raw not in HOUR_FIELDS:
+        raise BadKeyError(f"hour field {raw.decode('utf-8', 'backslashreplace')!r} is not one of 00 to 23")
+    return int(raw)
 
 
 def index_key(usage_date: str | dt.date) -> str:

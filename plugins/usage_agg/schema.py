@@ -14,13 +14,14 @@ from importlib import resources
 from usage_agg.identifiers import TableName, quote_identifier
 
 #: Bumped with every change to sql/schema.sql; stored as the usage table's comment.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 ERRORS_TABLE = "usage_aggregation_errors"
 RUNS_TABLE = "usage_aggregation_runs"
 INCARNATIONS_TABLE = "usage_redis_incarnations"
 COMPANION_TABLES = (ERRORS_TABLE, RUNS_TABLE, INCARNATIONS_TABLE)
-#: Suffixes of the names derived from a usage table's name (its views and indexes).
-DERIVED_SUFFIXES = ("_weekly", "_monthly", "_idx")
+#: Suffixes of the names derived from a usage table's name (its hourly table, views,
+#: window function and indexes).
+DERIVED_SUFFIXES = ("_hourly", "_weekly", "_monthly", "_windows", "_idx")
 #: The longest usage table name: its derived names (``{name}_usage_date_idx``) then fit
 #: PostgreSQL's 63-byte identifiers whole, so two tables never share a derived name.
 MAX_TABLE_NAME = 63 - len("_usage_date_idx")
@@ -34,8 +35,10 @@ class SchemaNames:
     errors: TableName
     runs: TableName
     incarnations: TableName
+    hourly: TableName
     weekly: TableName
     monthly: TableName
+    windows: TableName
     #: other spellings of the usage table that earlier versions wrote in the audit
     aliases: tuple[str, ...] = ()
 
@@ -49,8 +52,10 @@ class SchemaNames:
             usage.sibling(ERRORS_TABLE),
             usage.sibling(RUNS_TABLE),
             usage.sibling(INCARNATIONS_TABLE),
+            usage.sibling(f"{usage.name}_hourly"),
             usage.sibling(f"{usage.name}_weekly"),
             usage.sibling(f"{usage.name}_monthly"),
+            usage.sibling(f"{usage.name}_windows"),
         )
 
     @property
@@ -65,6 +70,9 @@ class SchemaNames:
             errors_table=self.errors.quoted,
             runs_table=self.runs.quoted,
             incarnations_table=self.incarnations.quoted,
+            hourly_table=self.hourly.quoted,
+            hourly_index=quote_identifier(f"{self.hourly.name}_idx"),
+            windows_function=self.windows.quoted,
             weekly_view=self.weekly.quoted,
             monthly_view=self.monthly.quoted,
             usage_date_index=quote_identifier(f"{self.usage.name}_usage_date_idx"),
@@ -140,7 +148,7 @@ def _catalogue(conn, names: SchemaNames) -> tuple[list[str], str | None]:
 
     One read-only query; it ends its transaction.
     """
-    objects = [names.usage, names.errors, names.runs, names.incarnations, names.weekly, names.monthly]
+    objects = [names.usage, names.errors, names.runs, names.incarnations, names.hourly, names.weekly, names.monthly]
     with conn.cursor() as cur:
         cur.execute(
             """SELECT array_remove(array_agg(CASE WHEN to_regclass(n) IS NULL THEN n END), NULL),

@@ -6,6 +6,9 @@ date serialises writers, counters are streamed into a temporary staging table wi
 transaction is bounded (``lock_timeout``), and a row PostgreSQL refuses is set aside
 as a bad key instead of rolling the day back.
 
+The hourly counts of the same keys (:attr:`usage_agg.source.Batch.hours`) go the same
+way into the hourly table, in the same transaction, by the same rules.
+
 **Counters with resets.** Each row keeps ``quantity = redis_offset + v``, where ``v``
 is the Redis value last read, and ``redis_incarnation``, the Redis server life it was
 read from (:mod:`usage_agg.servers`). For a new Redis value ``r``:
@@ -45,7 +48,8 @@ from dataclasses import dataclass, field
 
 from usage_agg import audit, dead_letters
 from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error
-from usage_agg.keys import BIGINT_MAX, KEY_PREFIX
+from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
+from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, insert_merge
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
 from usage_agg.servers import RedisIncarnation
 from usage_agg.source import BadKey, Counter
@@ -59,7 +63,7 @@ MERGE_WORK_MEM = "64MB"
 SAMPLE_LIMIT = 20
 
 _STAGE = "pg_temp.usage_agg_stage"
-_STAGE_COLUMNS = f"{_STAGE} (merchant_id, metric_type, quantity)"
+_HOURLY_STAGE = "pg_temp.usage_agg_hourly_stage"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class MergeResult:
     reset_samples: list[dict] = field(default_factory=list)
     #: counters PostgreSQL refused (set aside as bad keys; the rest of the chunk is merged)
     refused: list[BadKey] = field(default_factory=list)
+    #: the same for the hourly rows of the chunk (their refused rows are in :attr:`refused`)
+    hourly_rows_written: int = 0
+    hourly_rows_unchanged: int = 0
+    hourly_resets: int = 0
 
     def add(self, other: MergeResult) -> None:
         self.rows_written += other.rows_written
@@ -122,6 +130,114 @@ class MergeResult:
         self.resets += other.resets
         self.reset_samples.extend(other.reset_samples[: max(SAMPLE_LIMIT - len(self.reset_samples), 0)])
         self.refused.extend(other.refused)
+        self.hourly_rows_written += other.hourly_rows_written
+        self.hourly_rows_unchanged += other.hourly_rows_unchanged
+        self.hourly_resets += other.hourly_resets
+
+
+class _Stage:
+    """One kind of staged row (daily counters, or their hours) and the table it merges into."""
+
+    def __init__(self, writer: DayWriter, shape: RowShape, table: str, target: str, key_prefix: str) -> None:
+        self.writer, self.shape, self.table, self.target = writer, shape, table, target
+        self.key_prefix = key_prefix
+        self.columns = ", ".join(column.split()[0] for column in shape.stage_columns.split(", "))
+        self.copy_target = f"{table} ({self.columns})"
+        self.width = len(self.columns.split(", "))
+        self.staged = 0
+        #: (merchant_id, metric_type) as UTF-8 bytes, staged since the last merge
+        self.keys: set[tuple[bytes, bytes]] = set()
+        self.was_empty = False
+
+    def create(self, cur) -> None:
+        cur.execute(f"CREATE TEMPORARY TABLE {self.table} ({self.shape.stage_columns}) ON COMMIT DROP")
+
+    def refuse(self, row: tuple, reason: str) -> BadKey:
+        """The bad key for a staged row that cannot be stored: the Redis key (and hour field) it came from."""
+        merchant, metric, *rest = (x if isinstance(x, bytes) else str(x).encode("utf-8") for x in row)
+        day = self.writer.usage_date.isoformat().encode()
+        raw_key = self.key_prefix.encode() + merchant + b":" + day + b":" + metric
+        return BadKey(raw_key, reason, rest[-1], field=b"%02d" % int(rest[0]) if len(rest) == 2 else None)
+
+    def stage_block(self, rows: list[tuple], line: bytes) -> list[BadKey]:
+        """COPY ``rows`` (checked UTF-8 bytes and ints) as one text-format block, or escaped when unsafe."""
+        if not rows:
+            return []
+        block = b"".join(line % row for row in rows)
+        text = _copy_safe_text(block, len(rows), self.width)
+        if text is None:
+            good, refused = self._decoded(rows)
+            return refused + self.stage_text(good)
+
+        def send(part: list) -> None:
+            if part is rows:
+                _copy_text(self.writer._cur, self.copy_target, text)
+            else:
+                _copy_rows(self.writer._cur, self.copy_target, self._decoded(part)[0])
+
+        refused = self.writer._isolated(rows, send, self.refuse)
+        self.staged += len(rows) - len(refused)
+        return refused
+
+    def stage_text(self, rows: list[tuple]) -> list[BadKey]:
+        """COPY rows of text and ints, every field escaped."""
+        if not rows:
+            return []
+        refused = self.writer._isolated(rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse)
+        self.staged += len(rows) - len(refused)
+        return refused
+
+    def _decoded(self, rows: list[tuple]) -> tuple[list[tuple], list[BadKey]]:
+        good, refused = [], []
+        for row in rows:
+            try:
+                good.append(tuple(x.decode("utf-8") if isinstance(x, bytes) else x for x in row[:2]) + tuple(int(x) for x in row[2:]))
+            except (UnicodeDecodeError, ValueError) as err:
+                refused.append(self.refuse(row, f"cannot be staged: {err}"))
+        return good, refused
+
+    def merge(self, params: dict) -> MergeResult:
+        """Merge what is staged into the target, set aside what PostgreSQL refuses, empty the stage."""
+        result = MergeResult()
+        if not self.staged:
+            return result
+        statement = (insert_merge if self.was_empty else compare_merge)(self.target, self.table, self.shape)
+        cur = self.writer._cur
+
+        def merge_staged(part: list | None) -> None:
+            if part is not None:  # a retry without the refused rows: stage this part alone
+                cur.execute(f"TRUNCATE {self.table}")
+                _copy_rows(cur, self.copy_target, part)
+            with self.writer._bounded_wait("a row lock on", "held by another connection (an open transaction on the table)"):
+                cur.execute(statement, params)
+            result.add(self._result(cur.fetchone()))
+            dead_letters.resolve_fixed(cur, self.writer.names.errors.quoted, self.writer.usage_date, self.table, self.shape is HOURLY)
+
+        try:
+            cur.execute("SAVEPOINT usage_agg_merge")
+            merge_staged(None)
+            cur.execute("RELEASE SAVEPOINT usage_agg_merge")
+        except Exception as err:
+            if not is_row_error(err):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT usage_agg_merge")
+            cur.execute(f"SELECT {self.columns} FROM {self.table}")
+            result.refused += self.writer._isolated(cur.fetchall(), merge_staged, self.refuse, failed_whole=True)
+        cur.execute(f"TRUNCATE {self.table}")
+        self.keys.clear()
+        self.staged = 0
+        return result
+
+    def _result(self, row) -> MergeResult:
+        written, unchanged, drops, resets, samples, overflowing = row
+        result = MergeResult(int(written), int(unchanged), int(drops), int(resets), list(samples or []))
+        for merchant, metric, offset, redis, time_key in overflowing or []:
+            hour = int(str(time_key)[11:13]) if self.shape is HOURLY else None
+            staged = (merchant, metric, redis) if hour is None else (merchant, metric, hour, redis)
+            result.refused.append(
+                self.refuse(staged, f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis value {redis}")
+            )
+        return result
 
 
 class DayWriter:
@@ -149,9 +265,8 @@ class DayWriter:
         self.partition = partition
         self._cur = None
         self._source = Source(None)  # no Redis life known (yet): rows get none
-        self._staged = 0
-        #: (merchant_id, metric_type) as UTF-8 bytes, staged since the last merge
-        self._staged_keys: set[tuple[bytes, bytes]] = set()
+        self._daily = _Stage(self, DAILY, _STAGE, names.usage.quoted, KEY_PREFIX)
+        self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)
 
     def __enter__(self) -> DayWriter:
         self._cur = self.conn.cursor()
@@ -185,12 +300,16 @@ class DayWriter:
                 )
         # A day with no stored rows yet (its first aggregation, the heavy one) needs no
         # comparison with stored rows: every counter is new.
-        cur.execute(f"SELECT NOT EXISTS (SELECT 1 FROM {self.names.usage.quoted} WHERE usage_date = %s)", (self.usage_date,))
-        self._day_was_empty = cur.fetchone()[0]
         cur.execute(
-            f"CREATE TEMPORARY TABLE {_STAGE} (merchant_id text NOT NULL, metric_type text NOT NULL,"
-            " quantity bigint NOT NULL) ON COMMIT DROP"
+            f"""SELECT NOT EXISTS (SELECT 1 FROM {self.names.usage.quoted} WHERE usage_date = %(day)s),
+                       NOT EXISTS (SELECT 1 FROM {self.names.hourly.quoted}
+                                   WHERE usage_hour >= %(day)s::date::timestamp AT TIME ZONE 'UTC'
+                                     AND usage_hour < (%(day)s::date + 1)::timestamp AT TIME ZONE 'UTC')""",
+            {"day": self.usage_date},
         )
+        self._daily.was_empty, self._hourly.was_empty = cur.fetchone()
+        self._daily.create(cur)
+        self._hourly.create(cur)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._end(commit=exc_type is None)
@@ -217,7 +336,7 @@ class DayWriter:
         """Counters staged from now on come from this Redis life; merges what came from another."""
         merged = MergeResult()
         if source != self._source:
-            if self._staged:
+            if self.staged:
                 merged = self.merge()
             self._source = source
         return merged
@@ -226,8 +345,8 @@ class DayWriter:
 
     @property
     def staged(self) -> int:
-        """Rows staged since the last merge."""
-        return self._staged
+        """Rows staged since the last merge (daily and hourly)."""
+        return self._daily.staged + self._hourly.staged
 
     def stage(self, counters: list[Counter]) -> list[BadKey]:
         """Stream a batch of counters into the staging table with ``COPY``; return the refused ones."""
@@ -236,7 +355,7 @@ class DayWriter:
             for c in counters
             if self._first_time((c.key.merchant_id.encode(), c.key.metric_type.encode()))
         ]
-        return self._stage_rows(rows)
+        return self._daily.stage_text(rows)
 
     def _first_time(self, key: tuple[bytes, bytes]) -> bool:
         """Stage each key once per merge, so the merge needs no GROUP BY.
@@ -244,9 +363,9 @@ class DayWriter:
         SCAN and SSCAN may return a key twice; its first value is kept (a later read
         can only be a little higher, and the next run takes it).
         """
-        if key in self._staged_keys:
+        if key in self._daily.keys:
             return False
-        self._staged_keys.add(key)
+        self._daily.keys.add(key)
         return True
 
     def stage_plain_rows(self, rows: list[tuple[bytes, bytes, bytes]]) -> list[BadKey]:
@@ -258,37 +377,28 @@ class DayWriter:
         """
         keys = [row[:2] for row in rows]
         unique = set(keys)
-        if len(unique) == len(keys) and self._staged_keys.isdisjoint(unique):
-            self._staged_keys |= unique
+        if len(unique) == len(keys) and self._daily.keys.isdisjoint(unique):
+            self._daily.keys |= unique
         else:  # a key staged twice: keep its first row only
             rows = [row for row in rows if self._first_time(row[:2])]
-        if not rows:
-            return []
-        block = b"".join(b"%b\t%b\t%b\n" % row for row in rows)
-        text = _copy_safe_text(block, len(rows))
-        if text is None:
-            good, refused = _decode_rows(rows)
-            return refused + self._stage_rows(good)
+        return self._daily.stage_block(rows, b"%b\t%b\t%b\n")
 
-        def send(part: list) -> None:
-            if part is rows:
-                _copy_text(self._cur, text)
-            else:
-                _copy_rows(self._cur, _STAGE_COLUMNS, [(m.decode(), t.decode(), int(q)) for m, t, q in part])
-
-        refused = self._isolated(rows, send, lambda row: (row[0].decode(), row[1].decode(), row[2].decode()))
-        self._staged += len(rows) - len(refused)
-        return refused
-
-    def _stage_rows(self, rows: list[tuple[str, str, int]]) -> list[BadKey]:
-        if not rows:
-            return []
-        refused = self._isolated(rows, lambda part: _copy_rows(self._cur, _STAGE_COLUMNS, part), lambda row: row)
-        self._staged += len(rows) - len(refused)
-        return refused
+    def stage_hours(self, hours: list[tuple[bytes, bytes, int, int]]) -> list[BadKey]:
+        """Stage a batch's hourly counts (see :attr:`usage_agg.source.Batch.hours`), once per key and chunk."""
+        seen = self._hourly.keys
+        new: set[tuple[bytes, bytes]] = set()
+        rows = []
+        for row in hours:
+            key = row[:2]
+            if key not in seen or key in new:
+                if key not in seen:
+                    seen.add(key)
+                    new.add(key)
+                rows.append(row)
+        return self._hourly.stage_block(rows, b"%b\t%b\t%d\t%d\n")
 
     def _isolated(
-        self, rows: list, attempt: Callable[[list], object], as_text: Callable, *, failed_whole: bool = False
+        self, rows: list, attempt: Callable[[list], object], refuse: Callable[[tuple, str], BadKey], *, failed_whole: bool = False
     ) -> list[BadKey]:
         """Run ``attempt(rows)``; if PostgreSQL refuses a row, find it and set it aside.
 
@@ -309,18 +419,13 @@ class DayWriter:
                     raise
                 self._cur.execute("ROLLBACK TO SAVEPOINT usage_agg_rows")
                 if len(part) == 1:
-                    merchant, metric, quantity = as_text(part[0])
-                    refused.append(self._refused(merchant, metric, str(quantity), f"PostgreSQL refused the row: {_first_line(err)}"))
+                    refused.append(refuse(part[0], f"PostgreSQL refused the row: {_first_line(err)}"))
                 else:
                     middle = len(part) // 2
                     pending += [part[middle:], part[:middle]]
             else:
                 self._cur.execute("RELEASE SAVEPOINT usage_agg_rows")
         return refused
-
-    def _refused(self, merchant: str, metric: str, value: str, reason: str) -> BadKey:
-        raw_key = f"{KEY_PREFIX}{merchant}:{self.usage_date.isoformat()}:{metric}".encode("utf-8")
-        return BadKey(raw_key, reason, value.encode("utf-8"))
 
     # Dead letters and audit
 
@@ -335,10 +440,10 @@ class DayWriter:
     # Merging
 
     def merge(self) -> MergeResult:
-        """Upsert the staged counters into the usage table, following the reset rules above, and empty the stage.
+        """Upsert the staged counters (and their hours) following the reset rules above; empty the stages.
 
-        One statement per chunk. Should PostgreSQL refuse a row, the chunk is merged
-        again without it, and the row is returned in :attr:`MergeResult.refused`.
+        One statement per table and chunk. Should PostgreSQL refuse a row, the chunk is
+        merged again without it, and the row is returned in :attr:`MergeResult.refused`.
         """
         params = {
             "day": self.usage_date,
@@ -347,45 +452,12 @@ class DayWriter:
             "fresh": list(self._source.predecessors),
             "limit": SAMPLE_LIMIT,
         }
-        statement = _NEW_DAY_MERGE if self._day_was_empty else _MERGE
-        statement = statement.format(usage=self.names.usage.quoted)
-        result = MergeResult()
-
-        def merge_staged(part: list | None) -> None:
-            if part is not None:  # a retry without the refused rows: stage this part alone
-                self._cur.execute(f"TRUNCATE {_STAGE}")
-                _copy_rows(self._cur, _STAGE_COLUMNS, part)
-            with self._bounded_wait("a row lock on", "held by another connection (an open transaction on the table)"):
-                self._cur.execute(statement, params)
-            result.add(self._merge_result(self._cur.fetchone()))
-            dead_letters.resolve_fixed(self._cur, self.names.errors.quoted, self.usage_date, _STAGE)
-
-        try:
-            self._cur.execute("SAVEPOINT usage_agg_merge")
-            merge_staged(None)
-            self._cur.execute("RELEASE SAVEPOINT usage_agg_merge")
-        except Exception as err:
-            if not is_row_error(err):
-                raise
-            self._cur.execute("ROLLBACK TO SAVEPOINT usage_agg_merge")
-            self._cur.execute(f"SELECT merchant_id, metric_type, quantity FROM {_STAGE}")
-            rows = self._cur.fetchall()
-            result.refused += self._isolated(rows, merge_staged, lambda row: row, failed_whole=True)
-        self._cur.execute(f"TRUNCATE {_STAGE}")
-        self._staged_keys.clear()
-        self._staged = 0
-        return result
-
-    def _merge_result(self, row) -> MergeResult:
-        written, unchanged, drops, resets, samples, overflowing = row
-        result = MergeResult(int(written), int(unchanged), int(drops), int(resets), list(samples or []))
-        for merchant, metric, offset, redis in overflowing or []:
-            result.refused.append(
-                self._refused(
-                    merchant, metric, str(redis),
-                    f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis value {redis}",
-                )  # fmt: skip
-            )
+        result = self._daily.merge(params)
+        hourly = self._hourly.merge(params)
+        result.hourly_rows_written += hourly.rows_written
+        result.hourly_rows_unchanged += hourly.rows_unchanged
+        result.hourly_resets += hourly.resets
+        result.refused += hourly.refused
         return result
 
 
@@ -407,84 +479,6 @@ class _LockWaitNamed:
             ) from exc
 
 
-def _next_offset(quantity: str, offset: str, source: str, redis: str) -> str:
-    """SQL: the offset a stored row takes for a new Redis value (the table in the module docstring)."""
-    return f"""(CASE WHEN %(allow)s THEN 0
-                     WHEN {source} = ANY(%(fresh)s::integer[]) THEN {quantity}
-                     WHEN {redis} < {quantity} - {offset} THEN {quantity} - {redis}
-                     ELSE {offset} END)"""
-
-
-# A writer without the day's lock (or a key staged in two chunks) meets a row that is
-# already there: the same rules, applied to that row as it stands.
-_EXCLUDED_REDIS = "(EXCLUDED.quantity - EXCLUDED.redis_offset)"
-_CONFLICT_OFFSET = _next_offset("t.quantity", "t.redis_offset", "t.redis_incarnation", _EXCLUDED_REDIS)
-_ON_CONFLICT = f"""
-    ON CONFLICT (merchant_id, usage_date, metric_type) DO UPDATE
-       SET quantity = {_CONFLICT_OFFSET} + {_EXCLUDED_REDIS},
-           redis_offset = {_CONFLICT_OFFSET},
-           redis_incarnation = EXCLUDED.redis_incarnation,
-           updated_at = now()
-     WHERE {_CONFLICT_OFFSET}::numeric + {_EXCLUDED_REDIS} <= {BIGINT_MAX}
-       AND ({_CONFLICT_OFFSET} + {_EXCLUDED_REDIS} <> t.quantity OR {_CONFLICT_OFFSET} <> t.redis_offset)"""
-
-# One join of the staged chunk with its stored rows classifies every counter; only rows
-# that change reach the INSERT, so an unchanged day writes nothing at all.
-_MERGE = (
-    f"""
-    WITH compared AS MATERIALIZED (
-        SELECT s.merchant_id, s.metric_type, s.quantity AS redis,
-               t.quantity AS stored, t.redis_offset AS stored_offset, t.redis_incarnation AS stored_source
-        FROM {_STAGE} s
-        LEFT JOIN {{usage}} t
-          ON t.merchant_id = s.merchant_id AND t.usage_date = %(day)s AND t.metric_type = s.metric_type
-    ),
-    planned AS MATERIALIZED (
-        SELECT *, next_offset::numeric + redis AS next_quantity,
-               stored IS NOT NULL AND next_offset::numeric + redis = stored AND next_offset = stored_offset AS unchanged
-        FROM (SELECT c.*,
-                     CASE WHEN stored IS NULL OR %(allow)s THEN NULL
-                          WHEN stored_source = ANY(%(fresh)s::integer[]) THEN 'restart'
-                          WHEN redis < stored - stored_offset THEN 'drop' END AS reset,
-                     CASE WHEN stored IS NULL THEN 0
-                          ELSE {_next_offset("stored", "stored_offset", "stored_source", "redis")} END AS next_offset
-              FROM compared c) p
-    ),
-    written AS (
-        INSERT INTO {{usage}} AS t (merchant_id, usage_date, metric_type, quantity, redis_offset, redis_incarnation)
-        SELECT merchant_id, %(day)s, metric_type, next_quantity, next_offset, %(source)s FROM planned
-        WHERE NOT unchanged AND next_quantity <= {BIGINT_MAX}
-        {_ON_CONFLICT}
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM written),
-           count(*) FILTER (WHERE unchanged),
-           count(*) FILTER (WHERE reset IS NOT NULL AND redis < stored - stored_offset),
-           count(*) FILTER (WHERE reset IS NOT NULL AND NOT unchanged),
-           (SELECT json_agg(r) FROM (
-                SELECT merchant_id, metric_type, reset, stored, stored - stored_offset AS last_read, redis,
-                       next_quantity AS quantity
-                FROM planned WHERE reset IS NOT NULL AND NOT unchanged
-                ORDER BY merchant_id, metric_type LIMIT %(limit)s) r),
-           (SELECT json_agg(json_build_array(merchant_id, metric_type, next_offset, redis))
-            FROM planned WHERE next_quantity > {BIGINT_MAX})
-    FROM planned
-    """
-)
-
-# A day that had no rows when the lock was taken: nothing stored to compare with.
-_NEW_DAY_MERGE = f"""
-    WITH written AS (
-        INSERT INTO {{usage}} AS t (merchant_id, usage_date, metric_type, quantity, redis_offset, redis_incarnation)
-        SELECT merchant_id, %(day)s, metric_type, quantity, 0, %(source)s FROM {_STAGE}
-        {_ON_CONFLICT}
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM {_STAGE}) - (SELECT count(*) FROM written),
-           0, 0, NULL, NULL
-    """
-
-
 def _ms(duration: dt.timedelta) -> str:
     return f"{int(duration.total_seconds() * 1000)}ms"
 
@@ -493,9 +487,13 @@ def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
-def _copy_safe_text(block: bytes, rows: int) -> str | None:
-    """``block`` as text if COPY's text format reads it as exactly ``rows`` rows of 3 fields, else ``None``."""
-    if block.count(b"\t") != 2 * rows or block.count(b"\n") != rows or any(b in block for b in (b"\\", b"\r", b"\x00")):
+def _copy_safe_text(block: bytes, rows: int, width: int) -> str | None:
+    """``block`` as text if COPY's text format reads it as exactly ``rows`` rows of ``width`` fields, else ``None``."""
+    if (
+        block.count(b"\t") != (width - 1) * rows
+        or block.count(b"\n") != rows
+        or any(b in block for b in (b"\\", b"\r", b"\x00"))
+    ):
         return None
     try:
         return block.decode("utf-8")
@@ -503,22 +501,12 @@ def _copy_safe_text(block: bytes, rows: int) -> str | None:
         return None
 
 
-def _decode_rows(rows: list[tuple[bytes, bytes, bytes]]) -> tuple[list[tuple[str, str, int]], list[BadKey]]:
-    good, refused = [], []
-    for merchant, metric, quantity in rows:
-        try:
-            good.append((merchant.decode("utf-8"), metric.decode("utf-8"), int(quantity)))
-        except (UnicodeDecodeError, ValueError) as err:
-            refused.append(BadKey(b"usage:" + merchant + b":?:" + metric, f"not stageable: {err}", quantity))
-    return good, refused
-
-
-def _copy_text(cur, text: str) -> None:
-    """``COPY`` a ready text-format block into the stage."""
+def _copy_text(cur, target: str, text: str) -> None:
+    """``COPY`` a ready text-format block."""
     if hasattr(cur, "copy_expert"):  # psycopg2
-        cur.copy_expert(f"COPY {_STAGE_COLUMNS} FROM STDIN", io.StringIO(text))
+        cur.copy_expert(f"COPY {target} FROM STDIN", io.StringIO(text))
     else:  # psycopg 3
-        with cur.copy(f"COPY {_STAGE_COLUMNS} FROM STDIN") as copy:
+        with cur.copy(f"COPY {target} FROM STDIN") as copy:
             copy.write(text)
 
 

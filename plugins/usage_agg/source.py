@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from usage_agg.keys import (
+    KEY_PREFIX,
     BadKeyError,
     UsageKey,
     are_plain_quantities,
     belongs_to,
     day_pattern,
     index_key,
+    hourly_key_of,
+    parse_hour,
     parse_key,
     parse_key_of_day,
     parse_quantity,
@@ -27,6 +30,7 @@ from usage_agg.keys import (
 )
 from usage_agg.partitions import is_cluster, node_address, partition_node
 
+KEY_PREFIX_BYTES = KEY_PREFIX.encode()
 DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
 DEFAULT_SCAN_COUNT = 1_000
@@ -48,12 +52,15 @@ class BadKey:
     raw_key: bytes
     reason: str
     raw_value: bytes | None = None
+    #: the hash field at fault, for an hourly hash (``None``: the key itself)
+    field: bytes | None = None
 
     @property
     def key_text(self) -> str:
         """The key for a log line: invalid UTF-8 backslash-escaped, a very long key shortened."""
         text = self.raw_key[:KEY_TEXT_PREVIEW].decode("utf-8", "backslashreplace")
-        return text if len(self.raw_key) <= KEY_TEXT_PREVIEW else f"{text}... ({len(self.raw_key)} bytes)"
+        text = text if len(self.raw_key) <= KEY_TEXT_PREVIEW else f"{text}... ({len(self.raw_key)} bytes)"
+        return text if self.field is None else f"{text} field {self.field[:KEY_TEXT_PREVIEW].decode('utf-8', 'backslashreplace')}"
 
 
 @dataclass
@@ -69,6 +76,15 @@ class Batch:
     vanished: int = 0
     #: the Redis server the batch was read from (``host:port``; a cluster's primary)
     source: str | None = None
+    #: hourly counts of the batch's good keys: ``(merchant_id, metric_type, hour, quantity)``,
+    #: ids as UTF-8 bytes (only with ``hourly=True``)
+    hours: list[tuple[bytes, bytes, int, int]] = field(default_factory=list)
+    #: hourly hashes, or fields of them, that cannot be aggregated
+    bad_hours: list[BadKey] = field(default_factory=list)
+    #: keys whose daily total differs from the sum of their hourly counts (a writer
+    #: that updates only one of them), with the first of them by name
+    hourly_mismatches: int = 0
+    mismatch_samples: list[dict] = field(default_factory=list)
 
 
 def discovery_method(
@@ -112,6 +128,7 @@ def read_day(
     method: str = "scan",
     partition: str | None = None,
     bulk: bool = False,
+    hourly: bool = False,
 ) -> Iterator[Batch]:
     """Yield the day's counters (and bad keys) batch by batch.
 
@@ -123,6 +140,8 @@ def read_day(
         so each batch comes from one server (:attr:`Batch.source`).
     :param bulk: return well-formed batches as :attr:`Batch.plain_rows` instead of
         :class:`Counter` objects: the aggregation's fast path for a whole day.
+    :param hourly: also read each good key's hourly hash (its name derived from the
+        key's, in one pipelined round trip per batch) into :attr:`Batch.hours`.
     """
     if batch_size < 1 or scan_count < 1:
         raise ValueError("batch_size and scan_count must be positive")
@@ -132,7 +151,7 @@ def read_day(
         for name in sorted(node.name for node in client.get_primaries()):
             yield from read_day(
                 client, usage_date, merchant_id, batch_size=batch_size, scan_count=scan_count, method=method,
-                partition=name, bulk=bulk,
+                partition=name, bulk=bulk, hourly=hourly,
             )  # fmt: skip
         return
     pattern = day_pattern(usage_date, merchant_id)
@@ -151,15 +170,56 @@ def read_day(
     for raw_key in keys:
         pending.append(_as_bytes(raw_key))
         if len(pending) >= batch_size:
-            yield _from(source, read(client, pending, usage_date, merchant_id))
+            yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
             pending = []
     if pending:
-        yield _from(source, read(client, pending, usage_date, merchant_id))
+        yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
 
 
-def _from(source: str, batch: Batch) -> Batch:
+def _finish(client, source: str, batch: Batch, usage_date: dt.date, hourly: bool) -> Batch:
     batch.source = source
+    if hourly:
+        _read_hours(client, batch, usage_date)
     return batch
+
+
+#: how many keys whose daily total and hourly counts disagree are named in a batch
+MISMATCH_SAMPLES = 5
+
+
+def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
+    """Read the hourly hash of every good key of the batch, in one pipelined round trip."""
+    good = [(merchant, metric, int(value)) for merchant, metric, value in batch.plain_rows] + [
+        (c.key.merchant_id.encode(), c.key.metric_type.encode(), c.quantity) for c in batch.counters
+    ]
+    if not good:
+        return
+    day = b":" + usage_date.isoformat().encode() + b":"
+    hourly_keys = [hourly_key_of(KEY_PREFIX_BYTES + merchant + day + metric) for merchant, metric, _ in good]
+    pipe = client.pipeline(transaction=False)
+    for key in hourly_keys:
+        pipe.hgetall(key)
+    for (merchant, metric, daily), key, reply in zip(good, hourly_keys, pipe.execute(raise_on_error=False)):
+        if isinstance(reply, Exception):  # WRONGTYPE: not a hash
+            batch.bad_hours.append(BadKey(key, f"hourly key is not a hash of hourly counts: {reply}"))
+            continue
+        if not reply:  # a daily-only writer: no hours, nothing wrong
+            continue
+        total = 0
+        for field_name, value in reply.items():
+            try:
+                hour, quantity = parse_hour(field_name), parse_quantity(value)
+            except BadKeyError as err:
+                batch.bad_hours.append(BadKey(key, str(err), _preview(value), field=_as_bytes(field_name)))
+                continue
+            batch.hours.append((merchant, metric, hour, quantity))
+            total += quantity
+        if total != daily:
+            batch.hourly_mismatches += 1
+            if len(batch.mismatch_samples) < MISMATCH_SAMPLES:
+                batch.mismatch_samples.append(
+                    {"merchant_id": merchant.decode(), "metric_type": metric.decode(), "daily": daily, "hourly_sum": total}
+                )
 
 
 def _as_bytes(value: bytes | str) -> bytes:

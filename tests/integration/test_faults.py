@@ -96,15 +96,11 @@ def test_postgres_backend_terminated_mid_run(redis_client, table, query, caplog,
 
     with caplog.at_level("ERROR", logger="usage_agg"), pytest.raises(Exception) as raised:
         aggregate_day(CutAfterFirstBatch(redis_client, terminate), conn, DAY, table=table, batch_size=50)
-    # The cause, not a bare "the connection is lost": the server's own words where the
-    # driver has them (psycopg 3), else what can end a session (psycopg2's libpq drops the FATAL line).
-    if driver == "psycopg":
-        assert "terminating connection due to administrator command" in str(raised.value)
-        assert "SQLSTATE 57P01" in caplog.text
-    else:
-        assert "server closed the connection unexpectedly" in str(raised.value)
-        assert "pg_terminate_backend" in caplog.text
-    assert "Aggregation of 2025-11-01 failed: " in caplog.text
+    # The cause, not a bare "the connection is lost": the server's own last words, which
+    # the exception itself may lack (it depends on where the driver noticed), are logged.
+    assert raised.type.__name__ in ("OperationalError", "AdminShutdown", "InterfaceError"), raised.value
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Aggregation of 2025-11-01 failed: ")]
+    assert "terminating connection due to administrator command" in line, line
     assert set(stored(query, table).values()) == {1}  # the date is as it was
     conn.close()
 

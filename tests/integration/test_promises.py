@@ -173,9 +173,9 @@ def test_a_table_and_its_qualified_name_are_one_table(redis_client, pg_schema, q
         ("usage_aggregation_runs", "companion table"),
         ("usage_aggregation_errors", "companion table"),
         ("usage_redis_incarnations", "companion table"),
-        ("merchant_usage_weekly", "ends with _weekly/_monthly/_idx"),
-        ("sales_monthly", "ends with _weekly/_monthly/_idx"),
-        ("merchant_usage_usage_date_idx", "ends with _weekly/_monthly/_idx"),
+        ("merchant_usage_weekly", "ends with _hourly/_weekly/_monthly/_windows/_idx"),
+        ("sales_monthly", "ends with _hourly/_weekly/_monthly/_windows/_idx"),
+        ("merchant_usage_usage_date_idx", "ends with _hourly/_weekly/_monthly/_windows/_idx"),
         ("x" * 49, "at most 48"),
     ],
 )

@@ -123,4 +123,58 @@ BEGIN
 END
 $$;
 
+-- version 5: hourly rows, from the hourly hashes beside the daily counters (same rules as
+-- the daily rows: absolute values, resets kept in redis_offset, never zeroed on expiry)
+CREATE TABLE IF NOT EXISTS {hourly_table} (
+    merchant_id       text        NOT NULL,
+    usage_hour        timestamptz NOT NULL,
+    metric_type       text        NOT NULL,
+    quantity          bigint      NOT NULL CHECK (quantity >= 0),
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+    redis_offset      bigint      NOT NULL DEFAULT 0,
+    redis_incarnation integer,
+    PRIMARY KEY (merchant_id, usage_hour, metric_type)
+);
+CREATE INDEX IF NOT EXISTS {hourly_index} ON {hourly_table} (usage_hour);
+ALTER TABLE {errors_table} ADD COLUMN IF NOT EXISTS hash_field bytea;
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS hourly_rows_written bigint NOT NULL DEFAULT 0;
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS hourly_mismatches bigint NOT NULL DEFAULT 0;
+
+-- Any window over the hourly rows, in any IANA time zone: hour, day, week (ISO, from
+-- Monday) or month, as the zone's clocks show them (DST included: a local day can last
+-- 23 or 25 hours). An hour window is one stored (UTC) hour; a longer window holds every
+-- hour that starts in it (in a zone whose offset is not a whole hour, an hour straddling
+-- local midnight counts in the day it starts in).
+CREATE OR REPLACE FUNCTION {windows_function}(window_from timestamptz, window_to timestamptz, grain text,
+                                              tz text DEFAULT 'UTC')
+RETURNS TABLE (merchant_id text, metric_type text, window_start timestamptz, window_end timestamptz,
+               quantity bigint)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+BEGIN
+    IF grain IS NULL OR grain NOT IN ('hour', 'day', 'week', 'month') THEN
+        RAISE EXCEPTION 'grain: must be hour, day, week or month, got %', coalesce(grain, 'NULL')
+            USING ERRCODE = '22023';
+    END IF;
+    IF tz IS NULL OR NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = tz) THEN
+        RAISE EXCEPTION 'tz: % is not a time zone PostgreSQL knows (an IANA name such as Europe/Berlin)',
+            coalesce(tz, 'NULL') USING ERRCODE = '22023';
+    END IF;
+    RETURN QUERY
+    SELECT h.merchant_id, h.metric_type, w.start, w.stop, sum(h.quantity)::bigint
+    FROM {hourly_table} h
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN grain = 'hour' THEN h.usage_hour
+                    ELSE date_trunc(grain, h.usage_hour AT TIME ZONE tz) AT TIME ZONE tz END AS start,
+               CASE WHEN grain = 'hour' THEN h.usage_hour + interval '1 hour'
+                    ELSE (date_trunc(grain, h.usage_hour AT TIME ZONE tz) + ('1 ' || grain)::interval) AT TIME ZONE tz
+               END AS stop
+    ) w
+    WHERE h.usage_hour >= window_from AND h.usage_hour < window_to
+    GROUP BY h.merchant_id, h.metric_type, w.start, w.stop
+    ORDER BY 3, 1, 2;
+END
+$$;
+
 COMMENT ON TABLE {usage_table} IS {version_comment};

@@ -1,0 +1,132 @@
+"""The merge statements: staged Redis values into stored rows, by the reset rules of :mod:`usage_agg.sink`.
+
+One builder serves the daily rows (``merchant_usage``, keyed by date) and the hourly
+rows (``merchant_usage_hourly``, keyed by UTC hour): the rules are written once. Table
+names come in validated and quoted; every value is a query parameter:
+``%(day)s``, ``%(allow)s``, ``%(source)s``, ``%(fresh)s``, ``%(limit)s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from usage_agg.keys import BIGINT_MAX
+
+
+@dataclass(frozen=True)
+class RowShape:
+    """How staged rows meet stored ones: the key columns, and how a staged row names its key."""
+
+    #: the target's key columns, as in its primary key
+    key_columns: str
+    #: SQL (over stage ``s``) giving the stored row's time key, named as in the target
+    time_key: str
+    #: the time key's column in the target
+    time_column: str
+    #: the staged columns, for COPY
+    stage_columns: str
+    #: name each reset sample's time key (the hour; a day's samples are all of that day)
+    samples_name_time: bool = False
+
+
+DAILY = RowShape(
+    key_columns="merchant_id, usage_date, metric_type",
+    time_key="%(day)s::date",
+    time_column="usage_date",
+    stage_columns="merchant_id text NOT NULL, metric_type text NOT NULL, quantity bigint NOT NULL",
+)
+HOURLY = RowShape(
+    key_columns="merchant_id, usage_hour, metric_type",
+    time_key="(%(day)s::date + s.hour * interval '1 hour') AT TIME ZONE 'UTC'",
+    time_column="usage_hour",
+    stage_columns="merchant_id text NOT NULL, metric_type text NOT NULL, hour smallint NOT NULL, quantity bigint NOT NULL",
+    samples_name_time=True,
+)
+
+
+def next_offset(quantity: str, offset: str, source: str, redis: str) -> str:
+    """SQL: the offset a stored row takes for a new Redis value (the table in ``usage_agg.sink``)."""
+    return f"""(CASE WHEN %(allow)s THEN 0
+                     WHEN {source} = ANY(%(fresh)s::integer[]) THEN {quantity}
+                     WHEN {redis} < {quantity} - {offset} THEN {quantity} - {redis}
+                     ELSE {offset} END)"""
+
+
+def _on_conflict(shape: RowShape) -> str:
+    """A writer without the day's lock (or a key staged in two chunks) meets a row that is
+    already there: the same rules, applied to that row as it stands."""
+    redis = "(EXCLUDED.quantity - EXCLUDED.redis_offset)"
+    offset = next_offset("t.quantity", "t.redis_offset", "t.redis_incarnation", redis)
+    return f"""
+    ON CONFLICT ({shape.key_columns}) DO UPDATE
+       SET quantity = {offset} + {redis},
+           redis_offset = {offset},
+           redis_incarnation = EXCLUDED.redis_incarnation,
+           updated_at = now()
+     WHERE {offset}::numeric + {redis} <= {BIGINT_MAX}
+       AND ({offset} + {redis} <> t.quantity OR {offset} <> t.redis_offset)"""
+
+
+def compare_merge(target: str, stage: str, shape: RowShape) -> str:
+    """One join of a staged chunk with its stored rows classifies every counter; only rows
+    that change reach the INSERT, so an unchanged day writes nothing at all.
+
+    Returns one row: written, unchanged, values below the last read, resets, reset
+    samples (JSON) and the rows whose total would pass the bigint (JSON arrays of
+    merchant, metric, offset, Redis value, time key).
+    """
+    sample_time = f" time_key AS {shape.time_column}," if shape.samples_name_time else ""
+    return f"""
+    WITH compared AS MATERIALIZED (
+        SELECT s.merchant_id, s.metric_type, {shape.time_key} AS time_key, s.quantity AS redis,
+               t.quantity AS stored, t.redis_offset AS stored_offset, t.redis_incarnation AS stored_source
+        FROM {stage} s
+        LEFT JOIN {target} t
+          ON t.merchant_id = s.merchant_id AND t.{shape.time_column} = {shape.time_key} AND t.metric_type = s.metric_type
+    ),
+    planned AS MATERIALIZED (
+        SELECT *, next_offset::numeric + redis AS next_quantity,
+               stored IS NOT NULL AND next_offset::numeric + redis = stored AND next_offset = stored_offset AS unchanged
+        FROM (SELECT c.*,
+                     CASE WHEN stored IS NULL OR %(allow)s THEN NULL
+                          WHEN stored_source = ANY(%(fresh)s::integer[]) THEN 'restart'
+                          WHEN redis < stored - stored_offset THEN 'drop' END AS reset,
+                     CASE WHEN stored IS NULL THEN 0
+                          ELSE {next_offset("stored", "stored_offset", "stored_source", "redis")} END AS next_offset
+              FROM compared c) p
+    ),
+    written AS (
+        INSERT INTO {target} AS t ({shape.key_columns}, quantity, redis_offset, redis_incarnation)
+        SELECT merchant_id, time_key, metric_type, next_quantity, next_offset, %(source)s FROM planned
+        WHERE NOT unchanged AND next_quantity <= {BIGINT_MAX}
+        {_on_conflict(shape)}
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM written),
+           count(*) FILTER (WHERE unchanged),
+           count(*) FILTER (WHERE reset IS NOT NULL AND redis < stored - stored_offset),
+           count(*) FILTER (WHERE reset IS NOT NULL AND NOT unchanged),
+           (SELECT json_agg(r) FROM (
+                SELECT merchant_id, metric_type,{sample_time} reset, stored,
+                       stored - stored_offset AS last_read, redis, next_quantity AS quantity
+                FROM planned WHERE reset IS NOT NULL AND NOT unchanged
+                ORDER BY merchant_id, metric_type, time_key LIMIT %(limit)s) r),
+           (SELECT json_agg(json_build_array(merchant_id, metric_type, next_offset, redis, time_key))
+            FROM planned WHERE next_quantity > {BIGINT_MAX})
+    FROM planned
+    """
+
+
+def insert_merge(target: str, stage: str, shape: RowShape) -> str:
+    """:func:`compare_merge` for a day that had no rows when the lock was taken: nothing
+    stored to compare with, so the staged counters go straight in."""
+    return f"""
+    WITH written AS (
+        INSERT INTO {target} AS t ({shape.key_columns}, quantity, redis_offset, redis_incarnation)
+        SELECT s.merchant_id, {shape.time_key}, s.metric_type, s.quantity, 0, %(source)s FROM {stage} s
+        {_on_conflict(shape)}
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM {stage}) - (SELECT count(*) FROM written),
+           0, 0, NULL, NULL
+    """
