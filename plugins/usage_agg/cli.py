@@ -54,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="reconcile one date between Redis and PostgreSQL")
     status.add_argument("date", help="YYYY-MM-DD")
     status.add_argument("--merchant", help="one merchant only")
+    status.add_argument("--hourly", action="store_true", help="also show the day's 24 UTC hours against Redis")
     status.set_defaults(command=run_status)
 
     health = commands.add_parser("health", parents=[common], help="check both stores and data-loss risks")
@@ -73,7 +74,7 @@ def run_status(args) -> int:
         raise CliError("--merchant: must not be empty")
     with _stores(args) as (redis_client, pg_conn):
         status = _guard("reading", lambda: reconcile_date(
-            redis_client, pg_conn, day, merchant_id=args.merchant, table=args.table
+            redis_client, pg_conn, day, merchant_id=args.merchant, table=args.table, hourly=args.hourly
         ))  # fmt: skip
     if args.json:
         print(json.dumps(status.to_dict(), indent=2, default=str))
@@ -305,6 +306,15 @@ def _format_status(s) -> str:
     )
     lines.append(f"  open dead letters: {s.open_dead_letters}")
     lines += [f"    {d['key']}: {d['reason']} (seen {d['times_seen']}x)" for d in s.dead_letters[:10]]
+    lines.append(f"  hourly counts not stored: {s.hourly_differing_rows}")
+    lines.append(f"  keys whose daily total differs from their hours: {s.hourly_mismatches}")
+    lines += [
+        f"    {d['merchant_id']!r} {d['metric_type']}: daily {d['daily']}, hours sum to {d['hourly_sum']}"
+        for d in s.hourly_mismatch_samples[:10]
+    ]
+    if s.hours:
+        lines.append(f"  {'hour (UTC)':<22}{'Redis':>14}{'PostgreSQL':>14}")
+        lines += [f"  {h['hour'] + ':00':<22}{h['redis']:>14}{h['stored']:>14}" for h in s.hours]
     return "\n".join(lines)
 
 

@@ -234,3 +234,43 @@ def test_windows_refuse_an_unknown_grain_or_zone(pg_conn, table, redis_client):
     with pg_conn.cursor() as cur, pytest.raises(Exception, match="grain: must be hour, day, week or month, got decade"):
         cur.execute(f"SELECT * FROM {schema}.merchant_usage_windows(now(), now(), 'decade', 'UTC')")
     pg_conn.rollback()
+
+
+def test_status_reports_hours_and_mismatches(redis_client, pg_conn, table):
+    from usage_agg.reconcile import reconcile_date
+
+    track_usage(redis_client, "acme", "queries", 5, at=at(DAY, 3))
+    track_usage(redis_client, "acme", "queries", 2, at=at(DAY, 17))
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    status = reconcile_date(redis_client, pg_conn, DAY, table=table, hourly=True)
+    assert status.in_sync and status.hourly_differing_rows == 0
+    assert [(h["hour"], h["redis"], h["stored"]) for h in status.hours if h["redis"] or h["stored"]] == [
+        ("03", 5, 5), ("17", 2, 2),
+    ]  # fmt: skip
+    assert len(status.hours) == 24
+
+    redis_client.hincrby(hourly_key("acme", DAY, "queries"), "17", 1)  # an hour grew, the day did not
+    status = reconcile_date(redis_client, pg_conn, DAY, table=table, hourly=True)
+    assert (status.in_sync, status.hourly_differing_rows, status.hourly_mismatches) == (False, 1, 1)
+    assert status.hourly_mismatch_samples == [{"merchant_id": "acme", "metric_type": "queries", "daily": 7, "hourly_sum": 8}]
+    assert [h for h in status.hours if h["hour"] == "17"] == [{"hour": "17", "redis": 3, "stored": 2}]
+    assert reconcile_date(redis_client, pg_conn, DAY, table=table).hours == []  # the hour table only when asked
+
+
+def test_the_readme_window_query_runs_as_written(redis_client, pg_conn, table, pg_schema):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    sql = readme.split("```sql\nSELECT * FROM merchant_usage_windows", 1)[1].split("```", 1)[0]
+    sql = "SELECT * FROM merchant_usage_windows" + sql
+    tokyo = ZoneInfo("Asia/Tokyo")
+    for day, amount in ((1, 4), (2, 6)):  # 00:30 Tokyo: the previous UTC date
+        track_usage(redis_client, "acme_electronics_2024", "queries", amount, at=dt.datetime(2025, 11, day, 0, 30, tzinfo=tokyo))
+    for day in ("2025-10-31", "2025-11-01"):
+        aggregate_day(redis_client, pg_conn, day, table=table)
+    with pg_conn.cursor() as cur:
+        cur.execute(f'SET search_path TO "{pg_schema}"')
+        cur.execute(sql)
+        rows = [(m, start.astimezone(tokyo).date().isoformat(), q) for m, _, start, _, q in cur.fetchall()]
+    pg_conn.rollback()
+    assert rows == [("acme_electronics_2024", "2025-11-01", 4), ("acme_electronics_2024", "2025-11-02", 6)]

@@ -1,0 +1,42 @@
+"""``usage-agg status DATE --hourly``: the day's hours against Redis, as the README shows it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+from tests.conftest import pg_connect
+from tests.e2e.test_usage_agg_cli import usage_agg
+from usage_agg.aggregate import aggregate_day
+from usage_agg.keys import hourly_key
+from usage_agg.tracking import track_usage
+
+COMMAND = "usage-agg status 2025-11-01 --hourly"
+
+
+def test_the_readme_shows_the_command():
+    assert f"\n{COMMAND}\n" in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_status_shows_the_24_hours_and_a_day_that_disagrees_with_its_hours(redis_client, usage_env):
+    utc = dt.timezone.utc
+    track_usage(redis_client, "acme", "queries", 5, at=dt.datetime(2025, 11, 1, 3, 20, tzinfo=utc))
+    track_usage(redis_client, "acme", "queries", 2, at=dt.datetime(2025, 11, 1, 17, 45, tzinfo=utc))
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, "2025-11-01", table=usage_env)
+    conn.close()
+
+    done = usage_agg(*COMMAND.split()[1:])
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "  03:00                              5             5" in lines
+    assert "  17:00                              2             2" in lines
+    assert sum(1 for line in lines if line.strip()[:3].rstrip(":").isdigit() and ":00" in line) == 24
+
+    redis_client.hincrby(hourly_key("acme", "2025-11-01", "queries"), "17", 1)  # an hour grew, the day did not
+    done = usage_agg(*COMMAND.split()[1:], "--json")
+    assert done.returncode == 1
+    status = json.loads(done.stdout)
+    assert (status["hourly_differing_rows"], status["hourly_mismatches"]) == (1, 1)
+    assert status["hours"][17] == {"hour": "17", "redis": 3, "stored": 2}
