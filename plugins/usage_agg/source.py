@@ -196,6 +196,8 @@ def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
         return
     day = b":" + usage_date.isoformat().encode() + b":"
     hourly_keys = [hourly_key_of(KEY_PREFIX_BYTES + merchant + day + metric) for merchant, metric, _ in good]
+    if not is_cluster(client) and not client.exists(*hourly_keys):
+        return  # a batch of daily-only writers: one command says so (on a cluster, EXISTS may not cross slots)
     pipe = client.pipeline(transaction=False)
     for key in hourly_keys:
         pipe.hgetall(key)
