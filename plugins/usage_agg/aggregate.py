@@ -17,8 +17,9 @@ from usage_agg.keys import HOURLY_PREFIX, parse_date
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import check_unchanged, read_incarnations
-from usage_agg.sink import DEFAULT_LOCK_TIMEOUT, DayWriter, MergeResult, Source, register_incarnations
-from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, discovery_method, read_day
+from usage_agg.options import AggregationOptions
+from usage_agg.sink import DayWriter, MergeResult, Source, register_incarnations
+from usage_agg.source import discovery_method, read_day
 
 log = logging.getLogger(__name__)
 
@@ -81,20 +82,11 @@ def aggregate_day(
     redis_client,
     pg_conn,
     usage_date: str | dt.date,
+    options: AggregationOptions | None = None,
     *,
-    merchant_id: str | None = None,
-    table: str = "merchant_usage",
-    allow_decrease: bool = False,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    scan_count: int = DEFAULT_SCAN_COUNT,
-    lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
-    discovery: str = "auto",
     audit: dict | None = None,
     logger: logging.Logger | logging.LoggerAdapter = log,
-    create_schema: bool = True,
-    partition: str | None = None,
-    partition_count: int | None = None,
-    hourly: bool = True,
+    **settings,
 ) -> AggregationResult:
     """Copy one date's counters (optionally one merchant's) into the usage table.
 
@@ -103,49 +95,35 @@ def aggregate_day(
     reruns gives the same rows. A date with no keys left in Redis leaves its rows
     alone. The whole date is one transaction.
 
-    :param discovery: ``auto`` (the day's index when it exists, else ``SCAN``; always
-        ``SCAN`` for one merchant), ``index`` or ``scan``.
+    :param options: what shapes the run (:class:`~usage_agg.options.AggregationOptions`);
+        keyword ``settings`` build one, or change the one given (``table=...``).
     :param audit: ``dag_id``/``run_id``/``task_id`` for the audit row.
-    :param create_schema: create the tables when missing (idempotent).
-    :param partition: aggregate only the keys of this Redis Cluster primary (one part
-        of a fanned-out day, see :mod:`usage_agg.partitions`); its transaction commits
-        that part alone. Parts of one day run side by side, never beside a whole-day run.
-    :param partition_count: how many parts the day was split into, for the audit: the
-        day counts as aggregated once every part of one run succeeded.
-    :param hourly: also aggregate each key's hourly hash (``usage-hourly:...``) into the
-        hourly table, in the same transaction; keys without one simply have no hours.
     """
+    options = AggregationOptions(**settings) if options is None else options.replace(**settings)
     day = parse_date(usage_date)
-    if merchant_id is not None and (not isinstance(merchant_id, str) or not merchant_id):
-        raise ValueError(f"merchant_id: must be a non-empty string or None, got {merchant_id!r}")
-    if (partition is None) != (partition_count is None) or (partition_count is not None and partition_count < 1):
-        raise ValueError(
-            f"redis_partition and partition_count: give both (a positive count) or neither, "
-            f"got {partition!r} and {partition_count!r}"
-        )
-    names = ensure_schema(pg_conn, table) if create_schema else resolve_names(pg_conn, table)
-    method = discovery_method(redis_client, day, discovery, merchant_id, warn=logger.warning)
+    merchant_id, table, partition = options.merchant_id, options.table, options.partition
+    names = ensure_schema(pg_conn, table) if options.create_schema else resolve_names(pg_conn, table)
+    method = discovery_method(redis_client, day, options.discovery, merchant_id, warn=logger.warning)
     result = AggregationResult(
-        usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage), allow_decrease=allow_decrease,
-        discovery=method, redis_partition=partition,
+        usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage),
+        allow_decrease=options.allow_decrease, discovery=method, redis_partition=partition,
     )  # fmt: skip
     started = time.monotonic()
     started_at = dt.datetime.now(dt.timezone.utc)
     scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
     if partition is not None:
-        scope += f" on Redis primary {partition} (part of {partition_count})"
+        scope += f" on Redis primary {partition} (part of {options.partition_count})"
     logger.info("Starting aggregation for date: %s%s", result.usage_date, scope)
 
     audit_base = {
         **(audit or {}), "usage_table": result.table, "usage_date": day, "started_at": started_at,
-        "redis_partition": partition, "partition_count": partition_count,
+        "redis_partition": partition, "partition_count": options.partition_count,
     }  # fmt: skip
     progress = _Progress()
     try:
         _aggregate_in_one_transaction(
-            redis_client, pg_conn, names, day, result, audit_base, logger, scope, progress,
-            lock_timeout=lock_timeout, batch_size=batch_size, scan_count=scan_count, hourly=hourly,
-        )  # fmt: skip
+            redis_client, pg_conn, names, day, options, result, audit_base, logger, scope, progress
+        )
     except Exception as err:
         logger.error("Aggregation of %s%s failed: %s", result.usage_date, scope, describe(err, pg_conn))
         _audit_failure(pg_conn, names, result, audit_base, err, progress, logger)
@@ -195,21 +173,20 @@ class _Progress:
 
 
 def _aggregate_in_one_transaction(
-    redis_client, pg_conn, names, day, result, audit_base, logger, scope, progress, *, lock_timeout, batch_size,
-    scan_count, hourly,
-) -> None:  # fmt: skip
+    redis_client, pg_conn, names, day, options: AggregationOptions, result, audit_base, logger, scope, progress
+) -> None:
     # Which life of which Redis server is read: noted before the day's transaction (in
     # one of its own), checked again before commit, so a restart mid-run fails the run.
-    servers = read_incarnations(redis_client, result.redis_partition)
-    sources = register_incarnations(pg_conn, names, servers, lock_timeout)
+    servers = read_incarnations(redis_client, options.partition)
+    sources = register_incarnations(pg_conn, names, servers, options.lock_timeout)
     with DayWriter(
-        pg_conn, names, day, allow_decrease=result.allow_decrease, lock_timeout=lock_timeout,
-        partition=result.redis_partition,
+        pg_conn, names, day, allow_decrease=options.allow_decrease, lock_timeout=options.lock_timeout,
+        partition=options.partition,
     ) as writer:  # fmt: skip
         batches = prefetched(
             lambda: read_day(
-                redis_client, day, result.merchant_id, batch_size=batch_size, scan_count=scan_count,
-                method=result.discovery, partition=result.redis_partition, bulk=True, hourly=hourly,
+                redis_client, day, options.merchant_id, batch_size=options.batch_size, scan_count=options.scan_count,
+                method=result.discovery, partition=options.partition, bulk=True, hourly=options.hourly,
             )
         )  # fmt: skip
         debug = logger.isEnabledFor(logging.DEBUG)
@@ -242,7 +219,7 @@ def _aggregate_in_one_transaction(
             )
         if writer.staged or result.keys_found == 0:
             merged(writer.merge())
-        check_unchanged(redis_client, servers, result.redis_partition)
+        check_unchanged(redis_client, servers, options.partition)
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
 
 
