@@ -145,3 +145,26 @@ def cluster_client(redis_cluster):
     yield client
     client.flushall(target_nodes=RedisCluster.PRIMARIES)
     client.close()
+
+
+@pytest.fixture
+def webhook():
+    """A local HTTP endpoint whose path holds a token (as real webhooks' do), recording the JSON it is sent."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}/services/T1/B1/SECRET-TOKEN", received
+    server.shutdown()

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pendulum
 import pytest
@@ -19,27 +18,6 @@ from tests.dags.conftest import load_dagbag, run_dag
 from usage_agg.alerts import UsageAlertNotifier
 from usage_agg.operators import RedisUsageToPostgresOperator
 from usage_agg.tracking import track_usage
-
-
-@pytest.fixture
-def webhook():
-    """A local HTTP endpoint that records the JSON it is sent."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook/SECRET-TOKEN", received
-    server.shutdown()
 
 
 class FakeTI:

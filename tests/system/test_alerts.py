@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import shlex
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -24,26 +22,6 @@ SCHEMELESS_URL = "hooks.example.com/services/T0/B0/secret-token"
 
 def test_the_readme_shows_the_connection_command_as_tested():
     assert f"\n{CONNECTION_COMMAND}\n" in (REPO / "README.md").read_text()
-
-
-@pytest.fixture
-def webhook():
-    """A local HTTP endpoint whose path holds a token, recording the JSON it is sent."""
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}/services/T1/B1/SECRET-TOKEN", received
-    server.shutdown()
 
 
 @pytest.fixture
