@@ -11,7 +11,7 @@ DEMO_AIRFLOW ?= 3.3
 PYTEST_ARGS ?=
 
 venv = .venv-airflow-$(1)
-SOURCES := setup.cfg pyproject.toml $(shell find plugins -name '*.py' -o -name '*.sql')
+SOURCES := setup.cfg pyproject.toml $(shell find plugins dags -name '*.py' -o -name '*.sql')
 
 .PHONY: test demo bench services browser constraints clean $(addprefix test-,$(ENVIRONMENTS))
 
