@@ -46,16 +46,16 @@ def _run(args, command) -> int:
         return EXIT_ERROR
 
 
-#: Options left out on the command line take the DAGs' settings (``usage_agg.config``).
-_SETTINGS = {"redis_conn_id": "redis_conn_id", "postgres_conn_id": "postgres_conn_id", "table": "table"}
+#: Options left out on the command line take the DAGs' settings (``usage_agg.config``, same names).
+_SETTINGS = ("redis_conn_id", "postgres_conn_id", "table")
 
 
 def _resolve_defaults(args) -> None:
     from usage_agg import config
 
-    for attribute, option in _SETTINGS.items():
-        if getattr(args, attribute, None) is None:
-            setattr(args, attribute, config.value(option))
+    for option in _SETTINGS:
+        if getattr(args, option, None) is None:
+            setattr(args, option, config.value(option))
 
 
 def _default(option: str) -> str:
