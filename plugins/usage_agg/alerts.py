@@ -3,7 +3,8 @@
 ``UsageAlertNotifier`` is the DAGs' ``on_failure_callback``. Its channels are read
 when it fires:
 
-- the Airflow connection ``usage_agg_alert`` (another id: ``USAGE_AGG_ALERT_CONN_ID``),
+- the Airflow connection ``usage_agg_alert`` (another id: ``[usage_agg] alert_conn_id``, or
+  ``USAGE_AGG_ALERT_CONN_ID`` in env or a Variable, which wins),
   whose **password** holds the webhook URL: Airflow masks connection passwords in
   task logs, so this is where a URL with a token belongs;
 - ``USAGE_AGG_ALERT_WEBHOOK`` (env, or else an Airflow Variable of that name): a
@@ -28,12 +29,13 @@ import urllib.request
 
 from airflow.providers.common.compat.sdk import BaseNotifier
 
+from usage_agg import config
+
 log = logging.getLogger(__name__)
 
 WEBHOOK_SETTING = "USAGE_AGG_ALERT_WEBHOOK"
 EMAIL_SETTING = "USAGE_AGG_ALERT_EMAIL"
 CONN_ID_SETTING = "USAGE_AGG_ALERT_CONN_ID"
-DEFAULT_CONN_ID = "usage_agg_alert"
 
 
 def alert_setting(name: str) -> str | None:
@@ -72,7 +74,8 @@ def _mask(secret: str) -> None:
 
 
 def alert_conn_id() -> str:
-    return alert_setting(CONN_ID_SETTING) or DEFAULT_CONN_ID
+    """``USAGE_AGG_ALERT_CONN_ID`` (env, or else a Variable), else ``[usage_agg] alert_conn_id``."""
+    return alert_setting(CONN_ID_SETTING) or config.value("alert_conn_id")
 
 
 def webhook_from_connection(conn_id: str) -> tuple[str, str] | None:

@@ -25,41 +25,108 @@ class CliError(Exception):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The console script ``usage-agg``. Parsing imports no Airflow, so ``--help`` answers at once."""
+    args = _parser().parse_args(argv)
+    return _run(args, args.command)
+
+
+def _run(args, command) -> int:
     import airflow  # noqa: F401  (its settings install warning filters; ours go in front of them)
 
     warnings.filterwarnings("ignore")  # Airflow's import-time deprecation notices are not ours to show
-    args = _parser().parse_args(argv)
     # Our errors are one line each. Airflow 2 also logs, to stdout, a traceback for a secrets
     # backend entry it cannot parse, and the traceback can quote the entry, password included.
     logging.getLogger("airflow").setLevel(logging.CRITICAL)
     try:
+        _resolve_defaults(args)
         _check_utf8(args)
-        return args.command(args)
+        return command(args)
     except CliError as err:
         print(f"usage-agg: {err}", file=sys.stderr)
         return EXIT_ERROR
 
 
+#: Options left out on the command line take the DAGs' settings (``usage_agg.config``, same names).
+_SETTINGS = ("redis_conn_id", "postgres_conn_id", "table")
+
+
+def _resolve_defaults(args) -> None:
+    from usage_agg import config
+
+    for option in _SETTINGS:
+        if getattr(args, option, None) is None:
+            setattr(args, option, config.value(option))
+
+
+def _default(option: str) -> str:
+    from usage_agg.config import OPTIONS_BY_NAME
+
+    setting = OPTIONS_BY_NAME[option]
+    # No square brackets: Airflow's help formatter (rich) would take "[usage_agg]" for markup.
+    return f"default: {setting.env}, else {option} of the usage_agg config section, else {setting.default}"
+
+
+#: The arguments of each command, as (flags, argparse keywords): the console script and Airflow's
+#: own CLI (``airflow usage-agg``, Airflow 3) build their parsers from these.
+COMMON_ARGUMENTS = (
+    (("--redis-conn-id",), {"help": f"the Redis connection ({_default('redis_conn_id')})"}),
+    (("--postgres-conn-id",), {"help": f"the PostgreSQL connection ({_default('postgres_conn_id')})"}),
+    (("--table",), {"help": f"the usage table ({_default('table')})"}),
+    (("--json",), {"action": "store_true", "help": "machine-readable output"}),
+)
+STATUS_ARGUMENTS = (
+    (("date",), {"help": "YYYY-MM-DD"}),
+    (("--merchant",), {"help": "one merchant only"}),
+    (("--hourly",), {"action": "store_true", "help": "also show the day's 24 UTC hours against Redis"}),
+)
+STATUS_HELP = "reconcile one date between Redis and PostgreSQL"
+HEALTH_HELP = "check both stores and data-loss risks"
+
+
 def _parser() -> argparse.ArgumentParser:
-    from usage_agg import dag_config
-
     parser = argparse.ArgumentParser(prog="usage-agg", description=__doc__.splitlines()[0])
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--redis-conn-id", default=dag_config.redis_conn_id(), help="default: %(default)s")
-    common.add_argument("--postgres-conn-id", default=dag_config.postgres_conn_id(), help="default: %(default)s")
-    common.add_argument("--table", default=dag_config.usage_table(), help="default: %(default)s")
-    common.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(required=True, metavar="command")
-
-    status = commands.add_parser("status", parents=[common], help="reconcile one date between Redis and PostgreSQL")
-    status.add_argument("date", help="YYYY-MM-DD")
-    status.add_argument("--merchant", help="one merchant only")
-    status.add_argument("--hourly", action="store_true", help="also show the day's 24 UTC hours against Redis")
-    status.set_defaults(command=run_status)
-
-    health = commands.add_parser("health", parents=[common], help="check both stores and data-loss risks")
-    health.set_defaults(command=run_health)
+    for name, help_text, arguments, command in (
+        ("status", STATUS_HELP, STATUS_ARGUMENTS + COMMON_ARGUMENTS, run_status),
+        ("health", HEALTH_HELP, COMMON_ARGUMENTS, run_health),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        for flags, keywords in arguments:
+            sub.add_argument(*flags, **keywords)
+        sub.set_defaults(command=command)
     return parser
+
+
+def get_airflow_cli_commands() -> list:
+    """``airflow usage-agg status|health``: the provider's ``cli`` entry, read by Airflow 3's CLI."""
+    from airflow.cli.cli_config import ActionCommand, Arg, GroupCommand
+
+    def arguments(specs) -> tuple:
+        return tuple(Arg(flags, **keywords) for flags, keywords in specs)
+
+    return [
+        GroupCommand(
+            name="usage-agg",
+            help="Usage aggregation: reconcile a date, check the stores (the usage-agg command)",
+            subcommands=(
+                ActionCommand(
+                    name="status",
+                    help=STATUS_HELP,
+                    func=airflow_status,
+                    args=arguments(STATUS_ARGUMENTS + COMMON_ARGUMENTS),
+                ),
+                ActionCommand(name="health", help=HEALTH_HELP, func=airflow_health, args=arguments(COMMON_ARGUMENTS)),
+            ),
+        )
+    ]
+
+
+def airflow_status(args) -> None:
+    sys.exit(_run(args, run_status))
+
+
+def airflow_health(args) -> None:
+    sys.exit(_run(args, run_health))
 
 
 def run_status(args) -> int:

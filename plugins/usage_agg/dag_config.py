@@ -1,47 +1,45 @@
-"""Settings shared by the DAG files, read from the environment at parse time.
+"""Settings shared by the DAG files, read at parse time.
 
-Only names and numbers live here (no connections are opened): the DAG files stay
-cheap to parse and free of business logic.
+Each comes from the provider's ``[usage_agg]`` configuration section, or from its older
+``USAGE_AGG*`` environment variable, which wins when set (``usage_agg.config``). Only names
+and numbers live here (no connections are opened): the DAG files stay cheap to parse and
+free of business logic.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 
-from usage_agg.operators import DEFAULT_POSTGRES_CONN_ID, DEFAULT_REDIS_CONN_ID
-
-DEFAULT_SCHEDULE = "@hourly"
-#: Concurrent runs of the hourly DAG. Runs of one day wait for each other (an advisory
-#: lock per day), so this only bounds the load; a backfill's 24 runs a day, most of
-#: them skipped at once, go this many at a time.
-DEFAULT_MAX_ACTIVE_RUNS = 8
+from usage_agg import config
 
 
 def redis_conn_id() -> str:
-    return os.environ.get("USAGE_AGG_REDIS_CONN_ID") or DEFAULT_REDIS_CONN_ID
+    return config.value("redis_conn_id")
 
 
 def postgres_conn_id() -> str:
-    return os.environ.get("USAGE_AGG_POSTGRES_CONN_ID") or DEFAULT_POSTGRES_CONN_ID
+    return config.value("postgres_conn_id")
 
 
 def usage_table() -> str:
-    return os.environ.get("USAGE_AGG_TABLE") or "merchant_usage"
+    return config.value("table")
 
 
 def aggregation_schedule() -> str:
-    return os.environ.get("USAGE_AGGREGATION_SCHEDULE") or DEFAULT_SCHEDULE
+    return config.value("schedule")
 
 
 def expiry_check_schedule() -> str:
-    return os.environ.get("USAGE_EXPIRY_CHECK_SCHEDULE") or DEFAULT_SCHEDULE
+    return config.value("expiry_check_schedule")
 
 
 def aggregation_max_active_runs() -> int:
-    raw = os.environ.get("USAGE_AGGREGATION_MAX_ACTIVE_RUNS") or str(DEFAULT_MAX_ACTIVE_RUNS)
+    """Concurrent runs of the hourly DAG. Runs of one day wait for each other (an advisory lock
+    per day), so this only bounds the load; a backfill's 24 runs a day, most of them skipped at
+    once, go this many at a time."""
+    raw, where = config.lookup("max_active_runs")
     if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"USAGE_AGGREGATION_MAX_ACTIVE_RUNS: expected a positive integer, got {raw!r}")
+        raise ValueError(f"{where}: expected a positive integer, got {raw!r}")
     return int(raw)
 
 
@@ -50,9 +48,9 @@ FAN_OUT_MODES = ("off", "redis_primaries")
 
 def aggregation_fan_out() -> str:
     """``off`` (one task per day) or ``redis_primaries`` (one mapped task per cluster primary)."""
-    mode = os.environ.get("USAGE_AGGREGATION_FAN_OUT") or "off"
+    mode, where = config.lookup("fan_out")
     if mode not in FAN_OUT_MODES:
-        raise ValueError(f"USAGE_AGGREGATION_FAN_OUT: must be one of {', '.join(FAN_OUT_MODES)}, got {mode!r}")
+        raise ValueError(f"{where}: must be one of {', '.join(FAN_OUT_MODES)}, got {mode!r}")
     return mode
 
 
