@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.dags.conftest import AIRFLOW_V3, load_dagbag
-from tests.dags.test_observability import FakeTI, alert_connection, webhook  # noqa: F401  (a fixture)
+from tests.dags.test_observability import FakeTI, alert_connection
 from usage_agg import config
 from usage_agg.alerts import UsageAlertNotifier
 
@@ -100,7 +100,7 @@ def test_a_bad_value_in_the_section_is_an_import_error_naming_the_option(clean_s
     assert error in "\n".join(load_dagbag().import_errors.values())
 
 
-def test_the_alert_connection_id_comes_from_the_section(clean_settings, webhook):  # noqa: F811
+def test_the_alert_connection_id_comes_from_the_section(clean_settings, webhook):
     url, received = webhook
     for name in ("AIRFLOW_CONN_USAGE_AGG_ALERT", "USAGE_AGG_ALERT_WEBHOOK", "AIRFLOW_VAR_USAGE_AGG_ALERT_WEBHOOK",
                  "USAGE_AGG_ALERT_EMAIL", "AIRFLOW_VAR_USAGE_AGG_ALERT_EMAIL", "AIRFLOW_VAR_USAGE_AGG_ALERT_CONN_ID"):  # fmt: skip
