@@ -84,6 +84,15 @@ def test_a_day_with_a_bad_key_and_a_reset(redis_client, pg_conn, table, pg_schem
     assert query(f"SELECT outcome FROM {pg_schema}.usage_aggregation_runs ORDER BY id")[-1] == ("known_bad_keys",)
 
 
+def test_a_plain_day_logs_each_key_at_debug(redis_client, pg_conn, table, log_lines):
+    track_usage(redis_client, "acme", "queries", 100, usage_date=DAY)
+    track_usage(redis_client, "acme", "api", 5, usage_date=DAY)
+    aggregate_day(redis_client, pg_conn, DAY, table=table)  # the bulk path: plain rows
+    assert sorted(line for line in log_lines() if line[1].startswith("Key ")) == [
+        ("DEBUG", "Key acme:api = 5"), ("DEBUG", "Key acme:queries = 100"),
+    ]  # fmt: skip
+
+
 def test_the_scope_of_a_merchant_and_of_a_part_is_in_the_log(redis_client, pg_conn, table, log_lines):
     track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
     aggregate_day(redis_client, pg_conn, DAY, table=table, merchant_id="acme")
