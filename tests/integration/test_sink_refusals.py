@@ -67,3 +67,20 @@ def test_a_refusal_reason_is_never_empty():
 
     assert _first_line(ValueError("  first line\nsecond line")) == "first line"
     assert _first_line(ValueError()) == "ValueError"
+
+
+def test_the_days_transaction_bounds_its_waits_and_gets_memory_for_the_merge(pg_conn, pg_schema, query):
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    settings = "SELECT current_setting('lock_timeout'), current_setting('idle_in_transaction_session_timeout'), current_setting('work_mem')"
+    with pg_conn.cursor() as cur:
+        cur.execute(settings)
+        outside = cur.fetchone()
+    pg_conn.rollback()
+    with DayWriter(pg_conn, names, dt.date(2025, 11, 1), lock_timeout=dt.timedelta(seconds=7)):
+        with pg_conn.cursor() as cur:
+            cur.execute(settings)
+            assert cur.fetchone() == ("7s", "10min", "64MB")
+    with pg_conn.cursor() as cur:
+        cur.execute(settings)
+        assert cur.fetchone() == outside  # local to the day's transaction
+    pg_conn.rollback()
