@@ -172,9 +172,33 @@ def test_a_failed_run_that_cannot_be_audited_says_so_and_raises_the_first_error(
     with pytest.raises(redis.ConnectionError):
         aggregate_day(unreachable, pg_conn, DAY, table=table, discovery="scan", create_schema=False)
     assert any(
-        level == "WARNING" and m.startswith(f"Could not record the failed run in {pg_schema}.usage_aggregation_runs: ")
+        level == "WARNING"
+        and m.startswith(f"Could not record the failed run in {pg_schema}.usage_aggregation_runs: ")
+        and f'relation "{pg_schema}.usage_aggregation_runs" does not exist' in m
+        and m.endswith("(SQLSTATE 42P01)")
         for level, m in log_lines()
     )
+
+
+class FailingRead:
+    """The real client, whose first MGET fails with a very long message."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def mget(self, keys):
+        raise redis.ConnectionError("x" * 3000)
+
+
+def test_a_failed_runs_error_is_kept_to_2000_characters(redis_client, pg_conn, table, pg_schema, query):
+    track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
+    with pytest.raises(redis.ConnectionError):
+        aggregate_day(FailingRead(redis_client), pg_conn, DAY, table=table, discovery="scan")
+    ((error,),) = query(f"SELECT error FROM {pg_schema}.usage_aggregation_runs WHERE outcome = 'failed'")
+    assert error == ("ConnectionError: " + "x" * 3000)[:2000]
 
 
 @pytest.mark.parametrize(
