@@ -203,3 +203,12 @@ def test_a_bad_keys_text_is_escaped_and_shortened():
     assert BadKey(exact, "r").key_text == exact.decode()
     longer = b"k" * (KEY_TEXT_PREVIEW + 1)
     assert BadKey(longer, "r").key_text == f"{'k' * KEY_TEXT_PREVIEW}... ({KEY_TEXT_PREVIEW + 1} bytes)"
+
+
+def test_keys_of_another_type_are_named_on_a_cluster_too(cluster_client):
+    for i in range(6):  # several slots, several primaries
+        cluster_client.hset(key(f"hash-{i}"), "f", "v")
+        cluster_client.set(key(f"good-{i}"), i)
+    counters, plain, bad, foreign, vanished = all_of(read_day(cluster_client, DAY))
+    assert len(counters) == 6 and vanished == 0
+    assert bad == sorted((key(f"hash-{i}"), "key holds a Redis hash, not a string counter", None) for i in range(6))
