@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
+
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import build_key
 from usage_agg.schema import ensure_schema
@@ -84,3 +86,13 @@ def test_the_days_transaction_bounds_its_waits_and_gets_memory_for_the_merge(pg_
         cur.execute(settings)
         assert cur.fetchone() == outside  # local to the day's transaction
     pg_conn.rollback()
+
+
+@pytest.mark.parametrize("merchant", [b"tab\there", b"back\\slash", b"cr\rhere", b"nl\nhere", b"two\t\ttabs"])
+def test_a_block_with_one_odd_character_alone_is_staged_escaped_never_garbled(pg_conn, pg_schema, query, merchant):
+    """Each character COPY's text format would misread, alone in its block: no other check can catch it."""
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    with DayWriter(pg_conn, names, dt.date(2025, 11, 1)) as writer:
+        assert writer.stage_plain_rows([(merchant, b"q", b"7")]) == []
+        writer.merge()
+    assert query(f"SELECT merchant_id, metric_type, quantity FROM {names.usage.quoted}") == [(merchant.decode(), "q", 7)]
