@@ -35,7 +35,7 @@ bench: services $(call venv,$(DEMO_AIRFLOW))/installed
 # and integration tiers, one worker; hours of machine time, not run by CI. mutmut wants
 # the package at src/usage_agg, so it runs in a copy of the tree, build/mutation/ (the
 # configuration is [tool.mutmut] in pyproject.toml). MUTANTS narrows the run, e.g.
-# MUTANTS='usage_agg.keys.*'; the report counts every mutant generated so far. A test
+# MUTANTS='usage_agg.keys.*' (the report counts the rest as not run). A test
 # that fails is run twice more (pytest-rerunfailures): on a loaded machine a timing-
 # sensitive test failing once must not count as a killed mutant, nor stop the clean run.
 MUTANTS ?=
