@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 from usage_agg.audit import record_failed_run
@@ -102,8 +103,13 @@ def aggregate_day(
     options = AggregationOptions(**settings) if options is None else options.replace(**settings)
     day = parse_date(usage_date)
     merchant_id, table, partition = options.merchant_id, options.table, options.partition
-    names = ensure_schema(pg_conn, table) if options.create_schema else resolve_names(pg_conn, table)
-    method = discovery_method(redis_client, day, options.discovery, merchant_id, warn=logger.warning)
+    try:
+        names = ensure_schema(pg_conn, table) if options.create_schema else resolve_names(pg_conn, table)
+        method = discovery_method(redis_client, day, options.discovery, merchant_id, warn=logger.warning)
+    except Exception as err:
+        if not isinstance(err, ValueError):  # a refused argument says so itself
+            logger.error("Aggregation of %s failed before it began: %s", day.isoformat(), describe(err, pg_conn))
+        raise
     result = AggregationResult(
         usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage),
         allow_decrease=options.allow_decrease, discovery=method, redis_partition=partition,
@@ -179,16 +185,16 @@ def _aggregate_in_one_transaction(
     # one of its own), checked again before commit, so a restart mid-run fails the run.
     servers = read_incarnations(redis_client, options.partition)
     sources = register_incarnations(pg_conn, names, servers, options.lock_timeout)
+    reading = prefetched(
+        lambda: read_day(
+            redis_client, day, options.merchant_id, batch_size=options.batch_size, scan_count=options.scan_count,
+            method=result.discovery, partition=options.partition, bulk=True, hourly=options.hourly,
+        )
+    )  # fmt: skip
     with DayWriter(
         pg_conn, names, day, allow_decrease=options.allow_decrease, lock_timeout=options.lock_timeout,
         partition=options.partition,
-    ) as writer:  # fmt: skip
-        batches = prefetched(
-            lambda: read_day(
-                redis_client, day, options.merchant_id, batch_size=options.batch_size, scan_count=options.scan_count,
-                method=result.discovery, partition=options.partition, bulk=True, hourly=options.hourly,
-            )
-        )  # fmt: skip
+    ) as writer, closing(reading) as batches:  # closing: a failure stops the reader thread at once
         debug = logger.isEnabledFor(logging.DEBUG)
 
         def merged(outcome: MergeResult) -> None:

@@ -45,7 +45,10 @@ def describe(err: BaseException, conn=None) -> str:
     if code:
         return f"{message} (SQLSTATE {code})"
     if "closed the connection" in message or "connection is lost" in message or "connection already closed" in message:
-        last_words = _server_said(conn)
+        last_words = next(
+            (note.removeprefix(SERVER_SAID) for note in getattr(err, "__notes__", ()) if note.startswith(SERVER_SAID)),
+            None,
+        ) or server_said(conn)
         if last_words:
             return f"{message}: the server said {last_words!r}"
         return (
@@ -56,7 +59,18 @@ def describe(err: BaseException, conn=None) -> str:
     return message
 
 
-def _server_said(conn) -> str | None:
+SERVER_SAID = "the server said: "
+
+
+def note_server_said(err: BaseException, conn) -> None:
+    """Keep the server's last words on ``err`` (as a note) before anything else touches ``conn``:
+    a rollback on a lost session can replace them with "no connection to the server"."""
+    last_words = server_said(conn)
+    if last_words and not any(n.startswith(SERVER_SAID) for n in getattr(err, "__notes__", ())):
+        err.add_note(SERVER_SAID + last_words)
+
+
+def server_said(conn) -> str | None:
     """The FATAL (or PANIC) line the server sent before it closed ``conn``, if the driver kept it."""
     try:
         text = getattr(getattr(conn, "info", None), "error_message", None) or ""

@@ -86,40 +86,45 @@ def reconcile_date(
     status.schema_exists = not missing_tables
     redis_totals: Tally[str] = Tally()
     redis_hours: Tally[int] = Tally()
-    with pg_conn.cursor() as cur:
-        for batch in read_day(redis_client, day, merchant_id, batch_size=batch_size, hourly=True):
-            _compare_hours(cur, names, day, batch, status, redis_hours)
-            status.redis_keys += len(batch.counters) + len(batch.bad_keys)
-            status.redis_bad_keys += len(batch.bad_keys)
-            stored = _stored_rows(cur, names, day, batch.counters) if status.schema_exists else {}
-            missing = []
-            for counter in batch.counters:
-                key = counter.key
-                redis_totals[key.metric_type] += counter.quantity
-                row = stored.get((key.merchant_id, key.metric_type))
-                if row is None:
-                    missing.append(key)
-                elif row[0] - row[1] != counter.quantity:
-                    status.differing_rows += 1
-                    if len(status.differences) < SAMPLE_LIMIT:
-                        status.differences.append(
-                            {"merchant_id": key.merchant_id, "metric_type": key.metric_type,
-                             "redis": counter.quantity, "stored": row[0], "offset": row[1]}
-                        )  # fmt: skip
-            _note_missing(redis_client, status, missing, day)
-        if status.schema_exists:
-            _read_table_side(cur, names, day, merchant_id, status)
+    try:
+        with pg_conn.cursor() as cur:
+            for batch in read_day(redis_client, day, merchant_id, batch_size=batch_size, hourly=True):
+                _compare_counters(redis_client, cur, names, day, batch, status, redis_totals)
+                _compare_hours(cur, names, day, batch, status, redis_hours)
+            if status.schema_exists:
+                _read_table_side(cur, names, day, merchant_id, status)
             if hourly:
-                stored_hours = _stored_hours_by_hour(cur, names, day, merchant_id)
-        if hourly:
-            status.hours = [
-                {"hour": f"{hour:02d}", "redis": redis_hours.get(hour, 0), "stored": stored_hours.get(hour, 0)
-                 if status.schema_exists else 0}
-                for hour in range(24)
-            ]  # fmt: skip
-    pg_conn.rollback()
+                stored_hours = _stored_hours_by_hour(cur, names, day, merchant_id) if status.schema_exists else {}
+                status.hours = [
+                    {"hour": f"{hour:02d}", "redis": redis_hours.get(hour, 0), "stored": stored_hours.get(hour, 0)}
+                    for hour in range(24)
+                ]
+    finally:
+        pg_conn.rollback()  # read-only: end the transaction, also when an error escapes
     status.redis_totals = dict(sorted(redis_totals.items()))
     return status
+
+
+def _compare_counters(redis_client, cur, names: SchemaNames, day: dt.date, batch, status: DateStatus, totals) -> None:
+    """Tally a batch's counters, and note those that differ from their row or have none."""
+    status.redis_keys += len(batch.counters) + len(batch.bad_keys)
+    status.redis_bad_keys += len(batch.bad_keys)
+    stored = _stored_rows(cur, names, day, batch.counters) if status.schema_exists else {}
+    missing = []
+    for counter in batch.counters:
+        key = counter.key
+        totals[key.metric_type] += counter.quantity
+        row = stored.get((key.merchant_id, key.metric_type))
+        if row is None:
+            missing.append(key)
+        elif row[0] - row[1] != counter.quantity:
+            status.differing_rows += 1
+            if len(status.differences) < SAMPLE_LIMIT:
+                status.differences.append(
+                    {"merchant_id": key.merchant_id, "metric_type": key.metric_type,
+                     "redis": counter.quantity, "stored": row[0], "offset": row[1]}
+                )  # fmt: skip
+    _note_missing(redis_client, status, missing, day)
 
 
 def _compare_hours(cur, names: SchemaNames, day: dt.date, batch, status: DateStatus, redis_hours) -> None:

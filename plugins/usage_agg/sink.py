@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from usage_agg import audit, dead_letters
-from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error
+from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, insert_merge
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
@@ -312,6 +312,8 @@ class DayWriter:
         self._hourly.create(cur)
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None:
+            note_server_said(exc, self.conn)
         self._end(commit=exc_type is None)
 
     def _end(self, *, commit: bool) -> None:

@@ -57,6 +57,8 @@ def test_a_day_with_a_bad_key_and_a_reset(redis_client, pg_conn, table, pg_schem
         "bad_key_samples": [{"key": "usage:broken:2025-11-01:q", "reason": "value is not a non-negative integer",
                              "value": "oops"}],
         "reset_samples": [reset],
+        "hourly_rows_written": 0, "hourly_rows_unchanged": 0, "hourly_resets": 0, "bad_hourly": 0,
+        "hourly_mismatches": 0, "hourly_mismatch_samples": [],
     }  # fmt: skip
     lines = log_lines()[before:]
     keys = [line for line in lines if line[1].startswith("Key ")]  # in the order Redis returns them
@@ -69,7 +71,8 @@ def test_a_day_with_a_bad_key_and_a_reset(redis_client, pg_conn, table, pg_schem
         ("WARNING", "Redis lost data: 1 counter(s) of 2025-11-01 were reset (restart, failover, snapshot restore or "
                     "eviction). What was counted before is kept and only growth since is added; rerun with "
                     f"allow_decrease only if Redis holds the true totals. First ones: {[reset]}"),
-        ("INFO", "Completed. Records aggregated: 2, Errors: 1 (rows written: 1, unchanged: 1, resets: 1)"),
+        ("INFO", "Completed. Records aggregated: 2, Errors: 1 (rows written: 1, unchanged: 1, resets: 1; "
+                 "hourly rows written: 0)"),
     ]  # fmt: skip
     audit = query(
         f"SELECT dag_id, run_id, task_id, usage_table, usage_date, merchant_id, keys_found, rows_written,"
@@ -115,7 +118,7 @@ def test_an_empty_day_says_so_and_keeps_its_rows(redis_client, pg_conn, table, l
         "No usage keys in Redis for 2025-11-01 for merchant 'gone' (expired or never tracked); "
         "stored rows are left as they are",
     ) in log_lines()
-    assert log_lines()[-1] == ("INFO", "Completed. Records aggregated: 0, Errors: 0 (rows written: 0, unchanged: 0, resets: 0)")
+    assert log_lines()[-1] == ("INFO", "Completed. Records aggregated: 0, Errors: 0 (rows written: 0, unchanged: 0, resets: 0; hourly rows written: 0)")
 
 
 def test_past_the_log_limit_bad_keys_are_counted_not_named(redis_client, pg_conn, table, pg_schema, log_lines):

@@ -96,11 +96,11 @@ def test_postgres_backend_terminated_mid_run(redis_client, table, query, caplog,
 
     with caplog.at_level("ERROR", logger="usage_agg"), pytest.raises(Exception) as raised:
         aggregate_day(CutAfterFirstBatch(redis_client, terminate), conn, DAY, table=table, batch_size=50)
-    # The cause, not a bare "the connection is lost": the server's own last words, which
-    # the exception itself may lack (it depends on where the driver noticed), are logged.
+    # The cause, not a bare "the connection is lost": the server's own last words when the
+    # driver kept them (not when it noticed the closed socket mid-COPY), else what can end a session.
     assert raised.type.__name__ in ("OperationalError", "AdminShutdown", "InterfaceError"), raised.value
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Aggregation of 2025-11-01 failed: ")]
-    assert "terminating connection due to administrator command" in line, line
+    assert "terminating connection due to administrator command" in line or "pg_terminate_backend" in line, line
     assert set(stored(query, table).values()) == {1}  # the date is as it was
     conn.close()
 
@@ -139,3 +139,49 @@ def test_two_runs_of_the_same_date_at_once(redis_client, table, query, pg_schema
         f"SELECT rows_written, started_at, finished_at FROM {pg_schema}.usage_aggregation_runs ORDER BY started_at"
     )
     assert sorted(w for w, _, _ in written) == [0, 0, 0, MERCHANTS, MERCHANTS]
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_session_ended_between_runs_is_named_by_the_servers_own_words(redis_client, table, query, caplog, driver):
+    """The next run on a connection the server ended says why, with either driver."""
+    seed(redis_client, 1)
+    conn = pg_connect(driver)
+    aggregate_day(redis_client, conn, DAY, table=table)
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        pid = cur.fetchone()[0]
+    conn.rollback()
+    assert query("SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
+    with caplog.at_level("ERROR", logger="usage_agg"), pytest.raises(Exception):
+        aggregate_day(redis_client, conn, DAY, table=table)
+    assert "failed before it began: " in caplog.text
+    assert "terminating connection due to administrator command" in caplog.text  # the driver's, or the server's note
+    conn.close()
+
+
+def test_a_failed_run_leaves_no_reader_thread_behind(redis_client, table, monkeypatch):
+    """The reader thread holds the Redis client: a run that fails while it reads ahead must stop
+    it at once, not when the failed run's frames are garbage-collected (a task log keeps them)."""
+    import threading
+
+    from usage_agg.sink import DayWriter
+
+    seed(redis_client, 1)
+    calls = []
+    stage = DayWriter.stage_plain_rows
+
+    def stage_then_fail(self, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise RuntimeError("the writer failed (injected)")
+        return stage(self, rows)
+
+    monkeypatch.setattr(DayWriter, "stage_plain_rows", stage_then_fail)
+    conn = pg_connect()
+    try:
+        with pytest.raises(RuntimeError, match="injected") as failure:
+            aggregate_day(redis_client, conn, DAY, table=table, batch_size=10)
+        assert failure.value.__traceback__ is not None  # the run's frames are still referenced here
+        assert not any(t.name == "usage-agg-reader" and t.is_alive() for t in threading.enumerate())
+    finally:
+        conn.close()

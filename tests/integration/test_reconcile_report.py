@@ -63,6 +63,10 @@ def test_the_whole_day_report(redis_client, pg_conn, table):
         "keys_not_in_table": 3,
         "expiring_unaggregated": 1,
         "open_dead_letters": 1,
+        "hourly_mismatches": 0,
+        "hourly_mismatch_samples": [],
+        "hourly_differing_rows": 0,
+        "hours": [],
         "in_sync": False,
     }
     assert status.expiring_keys[0]["key"] == build_key("beta", DAY, "queries")

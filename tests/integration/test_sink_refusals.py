@@ -55,9 +55,9 @@ def test_rows_that_cannot_be_staged_are_refused_with_key_value_and_reason(pg_con
             [(b"\xff", b"q", b"1"), (b"shop", b"\xfe", b"2"), (b"back\\slash", b"q", b"x"), (b"plain", b"q", b"5")]
         )
         assert refused == [
-            BadKey(b"usage:\xff:?:q", "not stageable: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte", b"1"),
-            BadKey(b"usage:shop:?:\xfe", "not stageable: 'utf-8' codec can't decode byte 0xfe in position 0: invalid start byte", b"2"),
-            BadKey(b"usage:back\\slash:?:q", "not stageable: invalid literal for int() with base 10: b'x'", b"x"),
+            BadKey(b"usage:\xff:2025-11-01:q", "cannot be staged: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte", b"1"),
+            BadKey(b"usage:shop:2025-11-01:\xfe", "cannot be staged: 'utf-8' codec can't decode byte 0xfe in position 0: invalid start byte", b"2"),
+            BadKey(b"usage:back\\slash:2025-11-01:q", "cannot be staged: invalid literal for int() with base 10: b'x'", b"x"),
         ]  # fmt: skip
         assert writer.staged == 1
         writer.merge()
