@@ -185,11 +185,14 @@ def _aggregate_in_one_transaction(
     # one of its own), checked again before commit, so a restart mid-run fails the run.
     servers = read_incarnations(redis_client, options.partition)
     sources = register_incarnations(pg_conn, names, servers, options.lock_timeout)
+    # The reader may run a whole chunk ahead: while PostgreSQL merges one chunk, Redis is
+    # read for the next (a few MB of batches at most).
     reading = prefetched(
         lambda: read_day(
             redis_client, day, options.merchant_id, batch_size=options.batch_size, scan_count=options.scan_count,
             method=result.discovery, partition=options.partition, bulk=True, hourly=options.hourly,
-        )
+        ),
+        depth=-(-MERGE_EVERY_ROWS // options.batch_size) + 1,
     )  # fmt: skip
     with DayWriter(
         pg_conn, names, day, allow_decrease=options.allow_decrease, lock_timeout=options.lock_timeout,
