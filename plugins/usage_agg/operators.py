@@ -10,6 +10,7 @@ from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSki
 
 from usage_agg import metrics
 from usage_agg.aggregate import aggregate_day
+from usage_agg.assets import record_events
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
@@ -108,6 +109,20 @@ class RedisUsageToPostgresOperator(BaseOperator):
 
     _lineage_endpoints: dict | None = None
 
+    def render_template_fields(self, context: Context, jinja_env=None) -> None:
+        """Render, then resolve ``usage_date`` to the date this task reads, offset applied.
+
+        So the UI's Rendered Template shows the date itself (``2025-11-01``), also for a
+        run without a logical date, instead of an empty field. A date that does not
+        resolve is left as rendered; :meth:`execute` refuses it with the reason.
+        """
+        super().render_template_fields(context, jinja_env)
+        try:
+            day = resolve_usage_date(self.usage_date, context, self.day_offset)
+        except ValueError:
+            return
+        self.usage_date, self.day_offset = day.isoformat(), 0
+
     def execute(self, context: Context) -> dict:
         from airflow.providers.postgres.hooks.postgres import PostgresHook
         from airflow.providers.redis.hooks.redis import RedisHook
@@ -154,6 +169,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
 
             UsageAlertNotifier().send(describe_data_loss(context, result), context)
         payload = result.to_dict()
+        if not result.new_bad_keys:  # Airflow emits the outlets' events when the task succeeds
+            record_events(self.outlets, context.get("outlet_events"), result)
         if result.new_bad_keys:
             # The good keys are committed; publish the result before failing so the
             # XCom still shows what was written.

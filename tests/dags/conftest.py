@@ -46,6 +46,10 @@ def run_dag(dag_id: str, *, logical_date=..., conf: dict | None = None) -> dict[
             kwargs["logical_date"] = logical_date
         elif logical_date is not None:
             kwargs["execution_date"] = logical_date
+    if not AIRFLOW_V3:
+        # As Airflow 2's DAG processor does before any run: without the DAG's datasets in the
+        # metadata DB, a task's outlet events are dropped ("DatasetModel ... not found").
+        dag.sync_to_db()
     dag_run = dag.test(**kwargs)
     return {
         (ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(getattr(ti.state, "value", ti.state))

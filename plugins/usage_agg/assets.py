@@ -1,0 +1,83 @@
+"""The usage table as an Airflow asset (a dataset on Airflow 2), and the events a task emits on it.
+
+Billing and analytics DAGs schedule on the asset instead of guessing when usage lands.
+Each aggregation task declares it as an outlet and, when it succeeds, its event carries
+what it did to one date (:func:`event_extra`). On Airflow 3 the event of a date whose
+rows changed also carries the date as its *partition key*, so a downstream DAG scheduled
+with ``PartitionedAssetTimetable`` runs once per changed date and never for a rerun
+that changed nothing (an event without a partition key wakes no partitioned DAG).
+Airflow 2 has no partitions: a downstream DAG reads the dates from the events' extras.
+
+The producer and the consumers both call :func:`usage_asset`, so they name the same
+asset whatever the configuration says.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from usage_agg import config
+from usage_agg.identifiers import TableName
+
+if TYPE_CHECKING:
+    from usage_agg.aggregate import AggregationResult
+
+#: Host and database of the default URI: the names of the usage database in docker-compose.yaml.
+DEFAULT_HOST = "usage-postgres:5432"
+DEFAULT_DATABASE = "usage"
+
+
+def usage_asset_uri(table: str | None = None) -> str:
+    """The asset's URI: the ``asset_uri`` option, else one built from the usage table's name."""
+    configured = config.value("asset_uri")
+    if configured:
+        return configured
+    name = TableName.parse(table or config.value("table"))
+    return f"postgres://{DEFAULT_HOST}/{DEFAULT_DATABASE}/{name.schema or 'public'}/{name.name}"
+
+
+def usage_asset(table: str | None = None):
+    """The usage table as an ``Asset`` (Airflow 3) or ``Dataset`` (Airflow 2)."""
+    from airflow.providers.common.compat.assets import Asset
+
+    return Asset(uri=usage_asset_uri(table))
+
+
+def event_extra(result: AggregationResult) -> dict[str, Any]:
+    """What a downstream DAG needs to know of one date's aggregation (JSON values only)."""
+    return {
+        "usage_date": result.usage_date,
+        "table": result.table,
+        "merchant_id": result.merchant_id,
+        "redis_partition": result.redis_partition,
+        "rows_written": result.rows_written,
+        "hourly_rows_written": result.hourly_rows_written,
+        "changed": changed(result),
+        "resets": result.resets,
+        "hourly_resets": result.hourly_resets,
+        "bad_keys": result.bad_keys,
+    }
+
+
+def changed(result: AggregationResult) -> bool:
+    """Whether the date's stored usage changed (a rerun that rewrote nothing did not)."""
+    return bool(result.rows_written or result.hourly_rows_written)
+
+
+def record_events(outlets, outlet_events, result: AggregationResult) -> int:
+    """Put the date's extra (and, on Airflow 3, its partition key) on the task's asset outlets.
+
+    Airflow emits the events when the task succeeds. Returns how many outlets were given one.
+    """
+    from airflow.providers.common.compat.assets import Asset
+
+    recorded = 0
+    for outlet in outlets or ():
+        if not isinstance(outlet, Asset):
+            continue
+        accessor = outlet_events[outlet]
+        accessor.extra = event_extra(result)
+        if changed(result) and hasattr(accessor, "add_partitions"):  # Airflow 3.2+
+            accessor.add_partitions(result.usage_date)
+        recorded += 1
+    return recorded
