@@ -33,33 +33,56 @@ from airflow.providers.common.compat.sdk import DAG
 
 from usage_agg import dag_config
 from usage_agg.alerts import UsageAlertNotifier
+from usage_agg.assets import usage_asset
 from usage_agg.operators import RedisPartitionsOperator, RedisUsageToPostgresOperator
 
 with DAG(
     dag_id="usage_aggregation",
+    dag_display_name="Usage aggregation (hourly)",
+    description="Merchant usage counters from Redis into PostgreSQL, every hour: the run's day and the day before",
     doc_md=__doc__,
     schedule=dag_config.aggregation_schedule(),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=dag_config.aggregation_max_active_runs(),
-    default_args=dag_config.default_args(),
+    default_args={**dag_config.default_args(), **dag_config.late_run_default_args()},
     tags=["usage", "billing"],
     on_failure_callback=UsageAlertNotifier(),
+    **dag_config.late_run_alert(),
 ) as dag:
     common = {
         "merchant_id": None,
         "table": dag_config.usage_table(),
         "redis_conn_id": dag_config.redis_conn_id(),
         "postgres_conn_id": dag_config.postgres_conn_id(),
+        # Billing and analytics DAGs schedule on the table: an event per date (usage_agg.assets).
+        "outlets": [usage_asset(dag_config.usage_table())],
+    }
+    days = {
+        "aggregate_previous_day": (-1, "Aggregate the day before", "the day before the run's `ds`"),
+        "aggregate_current_day": (0, "Aggregate the run's day", "the run's `ds` (today in UTC without one)"),
     }
     # Independent on purpose: bad keys on one day must not keep the other from running,
     # and every aggregation is a leaf, so any failure makes the run fail (and alert).
+    def doc(which: str) -> str:
+        return (
+            f"Copies every merchant's counters of {which} into the usage table, in one transaction. "
+            "Rendered Template shows the date read; the XCom `return_value`, what was written."
+        )
+
     if dag_config.aggregation_fan_out() == "off":
-        RedisUsageToPostgresOperator(task_id="aggregate_previous_day", day_offset=-1, **common)
-        RedisUsageToPostgresOperator(task_id="aggregate_current_day", day_offset=0, **common)
-    else:  # one mapped task per Redis Cluster primary, for executors that spread them over workers
-        parts = RedisPartitionsOperator(task_id="plan_redis_partitions", redis_conn_id=common["redis_conn_id"])
-        for task_id, day_offset in (("aggregate_previous_day", -1), ("aggregate_current_day", 0)):
-            RedisUsageToPostgresOperator.partial(task_id=task_id, day_offset=day_offset, **common).expand_kwargs(
-                parts.output
+        for task_id, (day_offset, name, which) in days.items():
+            RedisUsageToPostgresOperator(
+                task_id=task_id, task_display_name=name, doc_md=doc(which), day_offset=day_offset, **common
             )
+    else:  # one mapped task per Redis Cluster primary, for executors that spread them over workers
+        parts = RedisPartitionsOperator(
+            task_id="plan_redis_partitions",
+            task_display_name="Plan the Redis parts",
+            doc_md="Lists the Redis Cluster primaries; each aggregation is mapped once per primary.",
+            redis_conn_id=common["redis_conn_id"],
+        )
+        for task_id, (day_offset, name, which) in days.items():
+            RedisUsageToPostgresOperator.partial(
+                task_id=task_id, task_display_name=name, doc_md=doc(which), day_offset=day_offset, **common
+            ).expand_kwargs(parts.output)

@@ -23,13 +23,18 @@ from airflow.providers.common.compat.sdk import DAG, AirflowFailException, Param
 
 from usage_agg import dag_config
 from usage_agg.alerts import UsageAlertNotifier
+from usage_agg.assets import usage_asset
 from usage_agg.operators import RedisUsageToPostgresOperator
 from usage_agg.rerun import MAX_RANGE_DAYS, RerunRequestError, validate_rerun_request
 
 DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
+#: Sections of the trigger form
+WHO, WHEN, HOW = "Whose usage", "Which days", "How"
 
 with DAG(
     dag_id="usage_aggregation_merchant",
+    dag_display_name="Rerun usage aggregation",
+    description="Re-aggregate one merchant, or every merchant, for a date or a range of up to 31 days",
     doc_md=__doc__,
     schedule=None,
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
@@ -45,6 +50,7 @@ with DAG(
             type=["null", "string"],
             minLength=1,
             title="Merchant ID",
+            section=WHO,
             description="The merchant to re-aggregate, exactly as in its Redis keys. "
             "Leave empty (and tick All merchants) to rerun every merchant.",
         ),
@@ -53,6 +59,7 @@ with DAG(
             format="date",
             pattern=DATE_PATTERN,
             title="Date",
+            section=WHEN,
             description="The day to re-aggregate (UTC), or the first day of the range.",
         ),
         "end_date": Param(
@@ -61,12 +68,14 @@ with DAG(
             format="date",
             pattern=DATE_PATTERN,
             title="End date (optional)",
+            section=WHEN,
             description=f"Last day of the range, inclusive; at most {MAX_RANGE_DAYS} days after Date.",
         ),
         "all_merchants": Param(
             False,
             type="boolean",
             title="All merchants",
+            section=WHO,
             description="Rerun every merchant for these dates (Merchant ID empty). A confirmation: "
             "it rewrites the whole days.",
         ),
@@ -74,13 +83,14 @@ with DAG(
             False,
             type="boolean",
             title="Allow decrease",
+            section=HOW,
             description="Redis is the truth: set each total to its Redis value, even lower. "
             "Off: a lower value is a reset, counted on top of what was stored.",
         ),
     },
 ) as dag:
 
-    @task
+    @task(task_display_name="Check the request")
     def validate_request(params: dict | None = None) -> list[str]:
         """Refuse a bad request before any data is touched; expand it to one task per date."""
         params = params or {}
@@ -103,6 +113,9 @@ with DAG(
     # every merchant.
     RedisUsageToPostgresOperator.partial(
         task_id="aggregate_merchant_day",
+        task_display_name="Aggregate a date",
+        doc_md="Re-aggregates the form's merchant (or every merchant) for one date of the request.",
+        outlets=[usage_asset(dag_config.usage_table())],
         merchant_id="{{ params.merchant_id if params.merchant_id is not none else '' }}",
         allow_decrease="{{ params.allow_decrease }}",
         table=dag_config.usage_table(),

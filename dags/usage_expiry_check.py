@@ -24,6 +24,8 @@ from usage_agg.operators import UsageExpiryCheckOperator
 
 with DAG(
     dag_id="usage_expiry_check",
+    dag_display_name="Usage about to expire",
+    description="Saves, or alerts on, usage counters that expire from Redis within a day and are not stored",
     doc_md=__doc__,
     schedule=dag_config.expiry_check_schedule(),
     start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
@@ -35,6 +37,9 @@ with DAG(
 ) as dag:
     UsageExpiryCheckOperator(
         task_id="check_expiring_usage",
+        task_display_name="Check expiring usage",
+        doc_md="Scans Redis for counters expiring within a day; aggregates their day if their value is not "
+        "stored; fails (and alerts) if some still are not.",
         table=dag_config.usage_table(),
         redis_conn_id=dag_config.redis_conn_id(),
         postgres_conn_id=dag_config.postgres_conn_id(),

@@ -118,6 +118,33 @@ def describe_data_loss(context, result) -> dict:
     return {"text": text, "dag_id": dag_id, "run_id": run_id, "task_id": task_id, "reason": "redis_data_loss"}
 
 
+def describe_late_run(dag_id: str | None, run_id: str | None, detail: str) -> dict:
+    """The alert for a run of the hourly DAG that has not succeeded in time (usage is not landing)."""
+    text = (
+        f"usage-agg: {dag_id} run {run_id} has not succeeded in time ({detail}): usage is not reaching "
+        "PostgreSQL; check the run's tasks, their pool, and the Redis and PostgreSQL connections"
+    )
+    return {"text": text, "dag_id": dag_id, "run_id": run_id, "task_id": None, "reason": "late_run"}
+
+
+async def late_run_alert(context: dict | None = None, **_: object) -> None:
+    """Airflow 3 ``DeadlineAlert`` callback (run by the triggerer): a run missed its deadline."""
+    import asyncio
+
+    context = context or {}
+    run = context.get("dag_run") or {}
+    deadline = (context.get("deadline") or {}).get("deadline_time")
+    alert = describe_late_run(run.get("dag_id"), run.get("run_id") or run.get("dag_run_id"), f"deadline {deadline}")
+    await asyncio.to_thread(UsageAlertNotifier().send, alert, context)
+
+
+def late_run_sla_miss(dag, task_list, blocking_task_list, slas, blocking_tis) -> None:
+    """Airflow 2 ``sla_miss_callback``: tasks of a run missed their SLA."""
+    runs = sorted({str(getattr(sla, "execution_date", "")) for sla in slas or ()})
+    alert = describe_late_run(getattr(dag, "dag_id", None), ", ".join(runs) or None, f"SLA missed by: {task_list}")
+    UsageAlertNotifier().send(alert, {})
+
+
 class UsageAlertNotifier(BaseNotifier):
     """Send a failure to the configured webhooks and/or e-mail addresses; never raise."""
 

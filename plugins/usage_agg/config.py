@@ -99,6 +99,34 @@ OPTIONS = (
         "Airflow connection whose password holds the webhook URL that failures are posted to. "
         "An Airflow Variable USAGE_AGG_ALERT_CONN_ID also takes precedence.",
     ),
+
+    Option(
+        "pool",
+        "USAGE_AGG_POOL",
+        "default_pool",
+        "Airflow pool of every task of the usage DAGs. Create a pool usage_agg and name it here: its size "
+        "bounds how many tasks run (and wait on the day locks) at once, whatever else the cluster runs.",
+        example="usage_agg",
+    ),
+    Option(
+        "asset_uri",
+        "USAGE_AGG_ASSET_URI",
+        "",
+        "URI of the asset (dataset on Airflow 2) that the aggregation tasks update, in the postgres "
+        "provider's form postgres://host:port/database/schema/table. Empty: postgres://usage-postgres:5432/"
+        "usage/<schema>/<table> from the table option. Downstream DAGs use usage_agg.assets.usage_asset().",
+        example="postgres://db.internal:5432/billing/public/merchant_usage",
+    ),
+    Option(
+        "late_after_minutes",
+        "USAGE_AGGREGATION_LATE_AFTER_MINUTES",
+        "0",
+        "Alert when a run of usage_aggregation has not succeeded this many minutes after it was queued "
+        "(a DeadlineAlert on Airflow 3, whose callback runs in the triggerer; the tasks' SLA on Airflow 2). "
+        "0, the default, turns it off: on Airflow 3.3 a DAG with a deadline cannot be run by "
+        "`airflow dags test` (it fails when the run ends).",
+        type="integer",
+    ),
 )
 
 OPTIONS_BY_NAME = {option.name: option for option in OPTIONS}

@@ -64,7 +64,7 @@ def default_args() -> dict:
     """Retries with exponential backoff: connection failures are transient.
 
     Bad data fails with ``AirflowFailException``, which Airflow never retries. Every task
-    has an ``execution_timeout``.
+    has an ``execution_timeout``, and runs in the configured pool.
     """
     return {
         "owner": "usage-agg",
@@ -73,4 +73,49 @@ def default_args() -> dict:
         "retry_exponential_backoff": True,
         "max_retry_delay": dt.timedelta(minutes=15),
         "execution_timeout": TASK_EXECUTION_TIMEOUT,
+        "pool": pool(),
     }
+
+
+def pool() -> str:
+    """The Airflow pool of every task (``default_pool`` unless a ``usage_agg`` pool is configured)."""
+    return config.value("pool")
+
+
+def late_after() -> dt.timedelta | None:
+    """How long a run of the hourly DAG may take before it alerts; ``None``: never."""
+    raw, where = config.lookup("late_after_minutes")
+    if not raw.isdigit():
+        raise ValueError(f"{where}: expected a whole number of minutes (0 turns it off), got {raw!r}")
+    return dt.timedelta(minutes=int(raw)) if int(raw) else None
+
+
+def late_run_alert() -> dict:
+    """``DAG`` arguments that alert when a run is late: a ``DeadlineAlert`` on Airflow 3 (from the
+    run's queueing; its callback runs in the triggerer), the tasks' SLA on Airflow 2."""
+    late = late_after()
+    if late is None:
+        return {}
+    from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
+
+    if AIRFLOW_V_3_0_PLUS:
+        from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+        return {
+            "deadline": DeadlineAlert(
+                reference=DeadlineReference.DAGRUN_QUEUED_AT,
+                interval=late,
+                callback=AsyncCallback("usage_agg.alerts.late_run_alert"),
+            )
+        }
+    from usage_agg.alerts import late_run_sla_miss
+
+    return {"sla_miss_callback": late_run_sla_miss}
+
+
+def late_run_default_args() -> dict:
+    """The tasks' ``sla`` on Airflow 2 (Airflow 3 has no SLA: :func:`late_run_alert`'s deadline)."""
+    late = late_after()
+    from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
+
+    return {} if late is None or AIRFLOW_V_3_0_PLUS else {"sla": late}
