@@ -8,6 +8,7 @@ and the usage tables first.
 from __future__ import annotations
 
 import json
+import shlex
 import uuid
 
 import pytest
@@ -16,6 +17,7 @@ from tests.conftest import PG_DATABASE, PG_HOST, PG_PORT, PG_USER, REDIS_HOST, R
 from tests.system.stack import AirflowStack
 
 REDIS_DB = 13
+POOL_COMMAND = 'airflow pools set usage_agg 4 "usage-agg tasks: bounds how many wait on day locks"'
 
 
 def _admin(sql: str) -> None:
@@ -50,10 +52,12 @@ def stack(tmp_path_factory, usage_schema):
                 {"conn_type": "postgres", "host": PG_HOST, "port": PG_PORT, "login": PG_USER, "schema": PG_DATABASE}
             ),
             "USAGE_AGG_TABLE": f"{usage_schema}.merchant_usage",
+            "AIRFLOW__USAGE_AGG__POOL": "usage_agg",
         },
     )
     try:
         stack.migrate()
+        stack.airflow(*shlex.split(POOL_COMMAND)[1:])  # README.md, "Pool, timeouts and late runs"
         stack.start()
         yield stack
     finally:

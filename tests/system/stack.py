@@ -50,7 +50,7 @@ class AirflowStack:
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": metadata_dsn,
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(self._dags_folder()),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
@@ -85,6 +85,15 @@ class AirflowStack:
                     "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(self.port),
                 }
             )
+
+    def _dags_folder(self) -> Path:
+        """The repository's DAG files and its example downstream DAG, linked into one folder."""
+        folder = self.home / "dags"
+        folder.mkdir(exist_ok=True)
+        for source in [*(REPO / "dags").glob("*.py"), *(REPO / "example_dags").glob("*.py")]:
+            if source.name != "__init__.py":
+                (folder / source.name).symlink_to(source)
+        return folder
 
     # -- the CLI -----------------------------------------------------------------------
 
