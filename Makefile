@@ -3,6 +3,9 @@
 
 PYTHON ?= python3
 UV_VERSION := 0.13.9
+# The linters, pinned here and in .pre-commit-config.yaml (tests/unit/test_lint_config.py keeps them equal).
+RUFF_VERSION := 0.17.5
+MYPY_VERSION := 2.4.1
 AIRFLOW_VERSIONS ?= 3.3 2.11
 # A third environment, "lowest": every direct dependency at the floor setup.cfg allows
 # (uv's lowest-direct resolution), on the oldest Python python_requires allows (3.11).
@@ -13,7 +16,20 @@ PYTEST_ARGS ?=
 venv = .venv-airflow-$(1)
 SOURCES := setup.cfg pyproject.toml $(shell find plugins dags -name '*.py' -o -name '*.sql')
 
-.PHONY: test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
+.PHONY: lint test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
+
+# ruff (the rules in pyproject.toml) and mypy over plugins/ and dags/. ruff and mypy live in
+# a small virtualenv of their own; mypy checks against Airflow 3.3's environment, so it sees
+# the types of Airflow, its providers and the drivers as installed.
+lint: .venv-lint/installed $(call venv,3.3)/installed
+	.venv-lint/bin/ruff check plugins dags
+	.venv-lint/bin/ruff format --check plugins dags
+	.venv-lint/bin/mypy --python-executable $(call venv,3.3)/bin/python
+
+.venv-lint/installed: Makefile
+	test -x .venv-lint/bin/python || $(PYTHON) -m venv .venv-lint
+	.venv-lint/bin/python -m pip install --quiet --disable-pip-version-check ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)
+	touch $@
 
 # The whole suite, on every supported Airflow version; the unit and DAG tiers at the lowest versions.
 test: services browser $(addprefix test-,$(ENVIRONMENTS))
@@ -84,4 +100,4 @@ constraints:
 
 clean:
 	tools/services.sh stop
-	rm -rf .venv-airflow-* .airflow-* .services build plugins/*.egg-info
+	rm -rf .venv-airflow-* .venv-lint .airflow-* .services build plugins/*.egg-info .mypy_cache .ruff_cache
