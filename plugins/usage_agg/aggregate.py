@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
 from usage_agg.keys import HOURLY_PREFIX, parse_date
+from usage_agg.options import AggregationOptions
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import check_unchanged, read_incarnations
-from usage_agg.options import AggregationOptions
 from usage_agg.sink import DayWriter, MergeResult, Source, register_incarnations
 from usage_agg.source import discovery_method, read_day
 
@@ -115,7 +115,7 @@ def aggregate_day(
         allow_decrease=options.allow_decrease, discovery=method, redis_partition=partition,
     )  # fmt: skip
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
     if partition is not None:
         scope += f" on Redis primary {partition} (part of {options.partition_count})"

@@ -50,7 +50,7 @@ def read_incarnation(node_client, address: str) -> RedisIncarnation:
     for section in ("server", "persistence", "replication", "commandstats"):
         pipe.info(section)
     server, persistence, replication, commands = pipe.execute()
-    now = dt.datetime.fromtimestamp(int(server["server_time_usec"]) / 1e6, dt.timezone.utc)
+    now = dt.datetime.fromtimestamp(int(server["server_time_usec"]) / 1e6, dt.UTC)
     uptime = dt.timedelta(seconds=int(server["uptime_in_seconds"]) + 1)
     loaded = persistence.get("rdb_last_load_keys_loaded")  # Redis 7.0+; unknown before: assume loaded
     started_empty = (

@@ -40,6 +40,7 @@ returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
@@ -235,7 +236,11 @@ class _Stage:
             hour = int(str(time_key)[11:13]) if self.shape is HOURLY else None
             staged = (merchant, metric, redis) if hour is None else (merchant, metric, hour, redis)
             result.refused.append(
-                self.refuse(staged, f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis value {redis}")
+                self.refuse(
+                    staged,
+                    f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis"
+                    f" value {redis}",
+                )
             )
         return result
 
@@ -321,15 +326,11 @@ class DayWriter:
             if commit:
                 self.conn.commit()
             else:
-                try:
+                with contextlib.suppress(Exception):  # the connection itself failed: the error being raised says why
                     self.conn.rollback()
-                except Exception:  # the connection itself failed: the error being raised says why
-                    pass
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 self._cur.close()
-            except Exception:
-                pass
 
     def _bounded_wait(self, what: str, holder: str):
         return _LockWaitNamed(self, what, holder)
