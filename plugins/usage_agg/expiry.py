@@ -107,6 +107,9 @@ class _StoredValues:
         if not self.schema_exists:
             return list(range(len(raw_keys)))
         merchants, metrics, days, quantities, digests, previews = [], [], [], [], [], []
+        merchant: str | None
+        day: dt.date | None
+        metric: str | None
         for raw_key, value in zip(raw_keys, values):
             try:
                 merchant, day, metric = parse_key(raw_key)
@@ -182,6 +185,7 @@ def _scan_days(
                     entry.unsaved_samples.append({"key": key_text(key), "ttl_seconds": ttl})
         pending.clear()
 
+    day: dt.date | None  # None: a bad key that names no day
     for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
         raw_key = _bytes(raw_key)
         try:
@@ -234,12 +238,13 @@ def check_expiry(
     days: dict[dt.date, DayInRedis] = {}
     _scan_days(redis_client, stored, days, pattern=f"{KEY_PREFIX}*", scan_count=scan_count)
     at_risk = sorted(d for d, entry in days.items() if entry.unsaved_keys)
-    for day in at_risk if rescue is not None else ():
-        with contextlib.suppress(Exception):  # the rescue reports its own failure; the day stays at risk below
-            rescue(day)
-        days[day] = DayInRedis(day.isoformat(), 0, None, indexed=days[day].indexed, rescued=True)
-        stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
-        _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
+    if rescue is not None:
+        for day in at_risk:
+            with contextlib.suppress(Exception):  # the rescue reports its own failure; the day stays at risk below
+                rescue(day)
+            days[day] = DayInRedis(day.isoformat(), 0, None, indexed=days[day].indexed, rescued=True)
+            stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
+            _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
     _note_aggregated(pg_conn, names, days)
     return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today)
 

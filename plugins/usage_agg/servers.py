@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from usage_agg.partitions import is_cluster, node_address
 
@@ -72,7 +73,7 @@ def _is_zero_id(value) -> bool:
         return False
 
 
-def node_clients(client, partition: str | None = None) -> dict[str, object]:
+def node_clients(client, partition: str | None = None) -> dict[str, Any]:
     """A plain client per server a read covers: the node itself, or a cluster's primaries
     (only ``partition``'s, when given), by ``host:port``."""
     if not is_cluster(client):

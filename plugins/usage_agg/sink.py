@@ -46,6 +46,7 @@ import datetime as dt
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from usage_agg import audit, dead_letters
 from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, note_server_said
@@ -268,7 +269,7 @@ class DayWriter:
         self.allow_decrease = allow_decrease
         self.lock_timeout = lock_timeout
         self.partition = partition
-        self._cur = None
+        self._cur: Any = None  # the transaction's DB-API cursor, once entered
         self._source = Source(None)  # no Redis life known (yet): rows get none
         self._daily = _Stage(self, DAILY, _STAGE, names.usage.quoted, KEY_PREFIX)
         self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)

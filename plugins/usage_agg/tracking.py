@@ -57,7 +57,11 @@ def track_usage(
             raise ValueError(f"usage_date: {usage_date} is not the UTC date of at ({at.isoformat()})")
     elif usage_date is None:
         at = dt.datetime.now(dt.UTC)
-    day = at.date() if at is not None else parse_date(usage_date)
+    if at is not None:
+        day = at.date()
+    else:
+        assert usage_date is not None  # else `at` was set above
+        day = parse_date(usage_date)
     key = build_key(merchant_id, day, metric_type)
     seconds = int(ttl.total_seconds())
     pipe = client.pipeline(transaction=not is_cluster(client))
