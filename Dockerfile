@@ -1,6 +1,6 @@
 # The Airflow image of docker-compose.yaml, with usage-agg installed as a provider.
 FROM apache/airflow:3.3.2-python3.11
-COPY --chown=airflow:root setup.cfg pyproject.toml README.md /opt/usage-agg/
+COPY --chown=airflow:root pyproject.toml README.md LICENSE /opt/usage-agg/
 COPY --chown=airflow:root constraints /opt/usage-agg/constraints
 COPY --chown=airflow:root plugins /opt/usage-agg/plugins
 COPY --chown=airflow:root dags /opt/usage-agg/dags

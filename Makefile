@@ -3,17 +3,33 @@
 
 PYTHON ?= python3
 UV_VERSION := 0.13.9
+# The linters, pinned here and in .pre-commit-config.yaml (tests/unit/test_lint_config.py keeps them equal).
+RUFF_VERSION := 0.17.5
+MYPY_VERSION := 2.4.1
 AIRFLOW_VERSIONS ?= 3.3 2.11
-# A third environment, "lowest": every direct dependency at the floor setup.cfg allows
-# (uv's lowest-direct resolution), on the oldest Python python_requires allows (3.11).
+# A third environment, "lowest": every direct dependency at the floor pyproject.toml allows
+# (uv's lowest-direct resolution), on the oldest Python requires-python allows (3.11).
 ENVIRONMENTS ?= $(AIRFLOW_VERSIONS) lowest
 DEMO_AIRFLOW ?= 3.3
 PYTEST_ARGS ?=
 
 venv = .venv-airflow-$(1)
-SOURCES := setup.cfg pyproject.toml $(shell find plugins dags -name '*.py' -o -name '*.sql')
+SOURCES := pyproject.toml $(shell find plugins dags -name '*.py' -o -name '*.sql')
 
-.PHONY: test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
+.PHONY: lint test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
+
+# ruff (the rules in pyproject.toml) and mypy over plugins/ and dags/. ruff and mypy live in
+# a small virtualenv of their own; mypy checks against Airflow 3.3's environment, so it sees
+# the types of Airflow, its providers and the drivers as installed.
+lint: .venv-lint/installed $(call venv,3.3)/installed
+	.venv-lint/bin/ruff check plugins dags
+	.venv-lint/bin/ruff format --check plugins dags
+	.venv-lint/bin/mypy --python-executable $(call venv,3.3)/bin/python
+
+.venv-lint/installed: Makefile
+	test -x .venv-lint/bin/python || $(PYTHON) -m venv .venv-lint
+	.venv-lint/bin/python -m pip install --quiet --disable-pip-version-check ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)
+	touch $@
 
 # The whole suite, on every supported Airflow version; the unit and DAG tiers at the lowest versions.
 test: services browser $(addprefix test-,$(ENVIRONMENTS))
@@ -46,7 +62,7 @@ MUTANTS ?=
 mutation: services $(call venv,3.3)/installed
 	rm -rf build/mutation && mkdir -p build/mutation/src
 	cp -r plugins/usage_agg build/mutation/src/
-	cp -r tests dags plugins constraints setup.cfg pyproject.toml docker-compose.yaml Dockerfile build/mutation/
+	cp -r tests dags plugins constraints pyproject.toml docker-compose.yaml Dockerfile build/mutation/
 	find build/mutation -name __pycache__ -prune -exec rm -rf {} +
 	cd build/mutation && PYTEST_ADDOPTS="--reruns 2" ../../tools/airflow-env.sh 3.3 mutmut run --max-children 1 $(MUTANTS)
 	cd build/mutation && ../../tools/airflow-env.sh 3.3 python ../../tools/mutation_report.py ../../tests/mutation-equivalents.md
@@ -66,22 +82,22 @@ browser:
 		-c constraints/airflow-$*.txt --reinstall-package usage-agg '.[test]'
 	touch $@
 
-# Re-pin the constraints files after changing setup.cfg (not run by the tests). The lowest
+# Re-pin the constraints files after changing the dependencies in pyproject.toml (not run by the tests). The lowest
 # environment: the package and its optional integrations resolved lowest-direct (each direct
 # dependency at its floor; the current pins kept as preferences for the rest), then the test
 # tools fitted around that, at their newest.
 constraints:
 	echo 'apache-airflow==3.3.2' > .airflow-pin.txt && \
-		uv pip compile -q --python-version 3.11 --no-header --no-annotate setup.cfg .airflow-pin.txt --extra test -o constraints/airflow-3.3.txt
+		uv pip compile -q --python-version 3.11 --no-header --no-annotate pyproject.toml .airflow-pin.txt --extra test -o constraints/airflow-3.3.txt
 	echo 'apache-airflow==2.11.2' > .airflow-pin.txt && \
-		uv pip compile -q --python-version 3.11 --no-header --no-annotate setup.cfg .airflow-pin.txt --extra test -o constraints/airflow-2.11.txt
+		uv pip compile -q --python-version 3.11 --no-header --no-annotate pyproject.toml .airflow-pin.txt --extra test -o constraints/airflow-2.11.txt
 	cp constraints/airflow-lowest.txt .lowest-runtime.txt 2>/dev/null || true
 	uv pip compile -q --python-version 3.11 --resolution lowest-direct --no-header --no-annotate \
-		setup.cfg --extra statsd --extra openlineage -o .lowest-runtime.txt
+		pyproject.toml --extra statsd --extra openlineage -o .lowest-runtime.txt
 	uv pip compile -q --python-version 3.11 --no-header --no-annotate \
-		setup.cfg --extra test -c .lowest-runtime.txt -o constraints/airflow-lowest.txt
+		pyproject.toml --extra test -c .lowest-runtime.txt -o constraints/airflow-lowest.txt
 	rm -f .airflow-pin.txt .lowest-runtime.txt
 
 clean:
 	tools/services.sh stop
-	rm -rf .venv-airflow-* .airflow-* .services build plugins/*.egg-info
+	rm -rf .venv-airflow-* .venv-lint .airflow-* .services build plugins/*.egg-info .mypy_cache .ruff_cache

@@ -28,6 +28,8 @@ which backfills rely on); concurrent runs: `USAGE_AGGREGATION_MAX_ACTIVE_RUNS` (
 
 from __future__ import annotations
 
+from typing import Any
+
 import pendulum
 from airflow.providers.common.compat.sdk import DAG
 
@@ -50,7 +52,7 @@ with DAG(
     on_failure_callback=UsageAlertNotifier(),
     **dag_config.late_run_alert(),
 ) as dag:
-    common = {
+    common: dict[str, Any] = {
         "merchant_id": None,
         "table": dag_config.usage_table(),
         "redis_conn_id": dag_config.redis_conn_id(),

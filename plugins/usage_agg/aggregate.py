@@ -11,18 +11,30 @@ import logging
 import time
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
 from usage_agg.keys import HOURLY_PREFIX, parse_date
+from usage_agg.options import AggregationOptions
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import check_unchanged, read_incarnations
-from usage_agg.options import AggregationOptions
 from usage_agg.sink import DayWriter, MergeResult, Source, register_incarnations
 from usage_agg.source import discovery_method, read_day
 
 log = logging.getLogger(__name__)
+
+
+class Logger(Protocol):
+    """What the core logs through: a :mod:`logging` logger, or an operator's ``self.log``
+    (on Airflow 3 the task SDK's structlog logger, which is not a ``logging.Logger``)."""
+
+    def isEnabledFor(self, level: int, /) -> Any: ...
+    def debug(self, msg: Any, /, *args: Any) -> Any: ...
+    def info(self, msg: Any, /, *args: Any) -> Any: ...
+    def warning(self, msg: Any, /, *args: Any) -> Any: ...
+    def error(self, msg: Any, /, *args: Any) -> Any: ...
 
 #: Bad keys named one by one in the log (and the result); all are counted and recorded.
 BAD_KEY_LOG_LIMIT = 100
@@ -86,7 +98,7 @@ def aggregate_day(
     options: AggregationOptions | None = None,
     *,
     audit: dict | None = None,
-    logger: logging.Logger | logging.LoggerAdapter = log,
+    logger: Logger = log,
     **settings,
 ) -> AggregationResult:
     """Copy one date's counters (optionally one merchant's) into the usage table.
@@ -115,7 +127,7 @@ def aggregate_day(
         allow_decrease=options.allow_decrease, discovery=method, redis_partition=partition,
     )  # fmt: skip
     started = time.monotonic()
-    started_at = dt.datetime.now(dt.timezone.utc)
+    started_at = dt.datetime.now(dt.UTC)
     scope = f" for merchant {merchant_id!r}" if merchant_id is not None else ""
     if partition is not None:
         scope += f" on Redis primary {partition} (part of {options.partition_count})"
@@ -206,6 +218,7 @@ def _aggregate_in_one_transaction(
             _add_bad_keys(writer, logger, result, outcome.refused)
 
         for batch in batches:
+            assert batch.source is not None  # read_day names each batch's server
             merged(writer.use_source(sources.get(batch.source, Source(None))))
             refused = writer.stage_plain_rows(batch.plain_rows) + writer.stage(batch.counters)
             refused += writer.stage_hours(batch.hours)

@@ -32,5 +32,5 @@ def insert_run(cur, runs_table: str, audit: dict) -> None:
 def record_failed_run(conn, runs_table: str, audit: dict) -> None:
     """Audit a run whose transaction was rolled back, in a transaction of its own."""
     with conn.cursor() as cur:
-        insert_run(cur, runs_table, {**audit, **{c: 0 for c in UNCOMMITTED}, "outcome": "failed"})
+        insert_run(cur, runs_table, {**audit, **dict.fromkeys(UNCOMMITTED, 0), "outcome": "failed"})
     conn.commit()

@@ -16,6 +16,7 @@ import re
 import sys
 import urllib.parse
 import warnings
+from typing import Any
 
 EXIT_OK, EXIT_PROBLEM, EXIT_ERROR = 0, 1, 2
 
@@ -68,13 +69,15 @@ def _default(option: str) -> str:
 
 #: The arguments of each command, as (flags, argparse keywords): the console script and Airflow's
 #: own CLI (``airflow usage-agg``, Airflow 3) build their parsers from these.
-COMMON_ARGUMENTS = (
+#: One command-line argument: its flags and add_argument's keywords.
+_Argument = tuple[tuple[str, ...], dict[str, Any]]
+COMMON_ARGUMENTS: tuple[_Argument, ...] = (
     (("--redis-conn-id",), {"help": f"the Redis connection ({_default('redis_conn_id')})"}),
     (("--postgres-conn-id",), {"help": f"the PostgreSQL connection ({_default('postgres_conn_id')})"}),
     (("--table",), {"help": f"the usage table ({_default('table')})"}),
     (("--json",), {"action": "store_true", "help": "machine-readable output"}),
 )
-STATUS_ARGUMENTS = (
+STATUS_ARGUMENTS: tuple[_Argument, ...] = (
     (("date",), {"help": "YYYY-MM-DD"}),
     (("--merchant",), {"help": "one merchant only"}),
     (("--hourly",), {"action": "store_true", "help": "also show the day's 24 UTC hours against Redis"}),
@@ -263,8 +266,8 @@ def _check_env_connection(variable: str, value: str, conn_id: str) -> None:
             raise ValueError("not a JSON object and not a URI of the form type://[login:password@]host[:port][/schema]")
         if hasattr(Connection, "from_uri"):  # Airflow 3's task SDK
             Connection.from_uri(conn_id=conn_id, uri=text)
-        else:
-            Connection(conn_id=conn_id, uri=text)
+        else:  # Airflow 2's Connection (mypy sees Airflow 3's, which takes no uri)
+            Connection(conn_id=conn_id, uri=text)  # type: ignore[call-arg]
     except Exception as err:
         kind = "JSON" if text.startswith("{") else "URI"
         reason = err.msg if isinstance(err, json.JSONDecodeError) else " ".join(str(err).split())

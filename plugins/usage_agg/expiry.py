@@ -19,6 +19,7 @@ counted, so an aggregation that reads the index finds it at its next run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 from collections.abc import Callable
@@ -106,6 +107,9 @@ class _StoredValues:
         if not self.schema_exists:
             return list(range(len(raw_keys)))
         merchants, metrics, days, quantities, digests, previews = [], [], [], [], [], []
+        merchant: str | None
+        day: dt.date | None
+        metric: str | None
         for raw_key, value in zip(raw_keys, values):
             try:
                 merchant, day, metric = parse_key(raw_key)
@@ -122,7 +126,8 @@ class _StoredValues:
             previews.append(None if value is None else pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace")))
         with self.pg_conn.cursor() as cur:
             cur.execute(
-                f"""SELECT k.i - 1 FROM unnest(%s::text[], %s::text[], %s::date[], %s::bigint[], %s::bytea[], %s::text[])
+                f"""SELECT k.i - 1 FROM unnest(%s::text[], %s::text[], %s::date[],
+                                                  %s::bigint[], %s::bytea[], %s::text[])
                         WITH ORDINALITY AS k(m, t, d, v, h, raw, i)
                     WHERE NOT EXISTS (SELECT 1 FROM {self.names.usage.quoted} u
                                       WHERE u.merchant_id = k.m AND u.usage_date = k.d AND u.metric_type = k.t
@@ -180,6 +185,7 @@ def _scan_days(
                     entry.unsaved_samples.append({"key": key_text(key), "ttl_seconds": ttl})
         pending.clear()
 
+    day: dt.date | None  # None: a bad key that names no day
     for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
         raw_key = _bytes(raw_key)
         try:
@@ -226,20 +232,19 @@ def check_expiry(
         ``lambda day: aggregate_day(redis, pg, day, ...)``); its counters are compared
         again afterwards. A rescue that raises leaves its day at risk.
     """
-    today = today or dt.datetime.now(dt.timezone.utc).date()
+    today = today or dt.datetime.now(dt.UTC).date()
     names = resolve_names(pg_conn, table)
     stored = _StoredValues(pg_conn, names)
     days: dict[dt.date, DayInRedis] = {}
     _scan_days(redis_client, stored, days, pattern=f"{KEY_PREFIX}*", scan_count=scan_count)
     at_risk = sorted(d for d, entry in days.items() if entry.unsaved_keys)
-    for day in at_risk if rescue is not None else ():
-        try:
-            rescue(day)
-        except Exception:  # the rescue reports its own failure; the day stays at risk below
-            pass
-        days[day] = DayInRedis(day.isoformat(), 0, None, indexed=days[day].indexed, rescued=True)
-        stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
-        _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
+    if rescue is not None:
+        for day in at_risk:
+            with contextlib.suppress(Exception):  # the rescue reports its own failure; the day stays at risk below
+                rescue(day)
+            days[day] = DayInRedis(day.isoformat(), 0, None, indexed=days[day].indexed, rescued=True)
+            stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
+            _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
     _note_aggregated(pg_conn, names, days)
     return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today)
 

@@ -39,7 +39,9 @@ HOURLY = RowShape(
     key_columns="merchant_id, usage_hour, metric_type",
     time_key="(%(day)s::date + s.hour * interval '1 hour') AT TIME ZONE 'UTC'",
     time_column="usage_hour",
-    stage_columns="merchant_id text NOT NULL, metric_type text NOT NULL, hour smallint NOT NULL, quantity bigint NOT NULL",
+    stage_columns=(
+        "merchant_id text NOT NULL, metric_type text NOT NULL, hour smallint NOT NULL, quantity bigint NOT NULL"
+    ),
     samples_name_time=True,
 )
 
@@ -82,7 +84,8 @@ def compare_merge(target: str, stage: str, shape: RowShape) -> str:
                t.quantity AS stored, t.redis_offset AS stored_offset, t.redis_incarnation AS stored_source
         FROM {stage} s
         LEFT JOIN {target} t
-          ON t.merchant_id = s.merchant_id AND t.{shape.time_column} = {shape.time_key} AND t.metric_type = s.metric_type
+          ON t.merchant_id = s.merchant_id AND t.{shape.time_column} = {shape.time_key}
+             AND t.metric_type = s.metric_type
     ),
     planned AS MATERIALIZED (
         SELECT *, next_offset::numeric + redis AS next_quantity,

@@ -361,7 +361,7 @@ def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_o
     elif context.get("ds"):
         day = parse_date(context["ds"], field="ds")
     else:
-        day = dt.datetime.now(dt.timezone.utc).date()
+        day = dt.datetime.now(dt.UTC).date()
     return day + dt.timedelta(days=day_offset)
 
 
@@ -385,7 +385,7 @@ def repeated_backfill_work(context: Context) -> str | None:
     logical_date = context.get("logical_date")
     if logical_date is None:
         return None
-    utc = logical_date.astimezone(dt.timezone.utc)
+    utc = logical_date.astimezone(dt.UTC)
     if utc.time() == dt.time(0, 0):
         return None
     return (

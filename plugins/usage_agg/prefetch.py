@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -17,7 +17,7 @@ T = TypeVar("T")
 _ITEM, _DONE, _ERROR = range(3)
 
 
-def prefetched(make_items: Callable[[], Iterable[T]], depth: int = 2) -> Iterator[T]:
+def prefetched(make_items: Callable[[], Iterable[T]], depth: int = 2) -> Generator[T, None, None]:
     """Yield ``make_items()``'s items, produced by a thread at most ``depth`` items ahead.
 
     An exception in the producer is raised here, in the consumer. When the consumer

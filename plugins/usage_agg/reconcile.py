@@ -198,7 +198,7 @@ def _note_missing(redis_client, status: DateStatus, missing, day: dt.date) -> No
 
 def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | None, status: DateStatus) -> None:
     merchant_filter = "" if merchant_id is None else " AND merchant_id = %(merchant)s"
-    params = {"day": day, "merchant": merchant_id, "limit": SAMPLE_LIMIT}
+    params: dict[str, object] = {"day": day, "merchant": merchant_id, "limit": SAMPLE_LIMIT}
     cur.execute(
         f"SELECT metric_type, count(*), sum(quantity) FROM {names.usage.quoted}"
         f" WHERE usage_date = %(day)s{merchant_filter} GROUP BY metric_type ORDER BY metric_type",

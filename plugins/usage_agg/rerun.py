@@ -40,7 +40,7 @@ def validate_rerun_request(
     today: dt.date | None = None,
 ) -> RerunRequest:
     """Check a rerun request and expand it to its dates (``end_date`` inclusive)."""
-    today = today or dt.datetime.now(dt.timezone.utc).date()
+    today = today or dt.datetime.now(dt.UTC).date()
     merchant = _merchant(merchant_id, all_merchants)
     if date in (None, ""):
         raise RerunRequestError("date: is required (YYYY-MM-DD)")

@@ -135,6 +135,7 @@ def ensure_schema(conn, table: str | TableName) -> SchemaNames:
     names = resolve_names(conn, table)
     if schema_is_current(conn, names):
         return names
+    assert names.usage.schema is not None  # resolve_names names the schema (or raises)
     with conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s)::bigint)", (f"usage_agg schema {names.usage}",))
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {quote_identifier(names.usage.schema)}")

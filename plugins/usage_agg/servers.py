@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Any
 
 from usage_agg.partitions import is_cluster, node_address
 
@@ -50,7 +51,7 @@ def read_incarnation(node_client, address: str) -> RedisIncarnation:
     for section in ("server", "persistence", "replication", "commandstats"):
         pipe.info(section)
     server, persistence, replication, commands = pipe.execute()
-    now = dt.datetime.fromtimestamp(int(server["server_time_usec"]) / 1e6, dt.timezone.utc)
+    now = dt.datetime.fromtimestamp(int(server["server_time_usec"]) / 1e6, dt.UTC)
     uptime = dt.timedelta(seconds=int(server["uptime_in_seconds"]) + 1)
     loaded = persistence.get("rdb_last_load_keys_loaded")  # Redis 7.0+; unknown before: assume loaded
     started_empty = (
@@ -72,7 +73,7 @@ def _is_zero_id(value) -> bool:
         return False
 
 
-def node_clients(client, partition: str | None = None) -> dict[str, object]:
+def node_clients(client, partition: str | None = None) -> dict[str, Any]:
     """A plain client per server a read covers: the node itself, or a cluster's primaries
     (only ``partition``'s, when given), by ``host:port``."""
     if not is_cluster(client):

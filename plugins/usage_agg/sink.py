@@ -40,11 +40,13 @@ returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
 import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from usage_agg import audit, dead_letters
 from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, note_server_said
@@ -235,7 +237,11 @@ class _Stage:
             hour = int(str(time_key)[11:13]) if self.shape is HOURLY else None
             staged = (merchant, metric, redis) if hour is None else (merchant, metric, hour, redis)
             result.refused.append(
-                self.refuse(staged, f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis value {redis}")
+                self.refuse(
+                    staged,
+                    f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis"
+                    f" value {redis}",
+                )
             )
         return result
 
@@ -263,7 +269,7 @@ class DayWriter:
         self.allow_decrease = allow_decrease
         self.lock_timeout = lock_timeout
         self.partition = partition
-        self._cur = None
+        self._cur: Any = None  # the transaction's DB-API cursor, once entered
         self._source = Source(None)  # no Redis life known (yet): rows get none
         self._daily = _Stage(self, DAILY, _STAGE, names.usage.quoted, KEY_PREFIX)
         self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)
@@ -321,15 +327,11 @@ class DayWriter:
             if commit:
                 self.conn.commit()
             else:
-                try:
+                with contextlib.suppress(Exception):  # the connection itself failed: the error being raised says why
                     self.conn.rollback()
-                except Exception:  # the connection itself failed: the error being raised says why
-                    pass
         finally:
-            try:
+            with contextlib.suppress(Exception):
                 self._cur.close()
-            except Exception:
-                pass
 
     def _bounded_wait(self, what: str, holder: str):
         return _LockWaitNamed(self, what, holder)

@@ -20,8 +20,8 @@ from usage_agg.keys import (
     are_plain_quantities,
     belongs_to,
     day_pattern,
-    index_key,
     hourly_key_of,
+    index_key,
     parse_hour,
     parse_key,
     parse_key_of_day,
@@ -228,8 +228,8 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
-def _read_batch_in_bulk(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id: None) -> Batch:
-    """A whole day's batch without a Python object per key, when every key and value is plain.
+def _read_batch_in_bulk(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None) -> Batch:
+    """A whole day's batch (``merchant_id`` is None) without a Python object per key, when every key and value is plain.
 
     One regular expression splits the keys, one ``MGET`` reads the values, one join
     checks them; a batch with anything unusual (a bad key or value, a vanished key)
@@ -271,9 +271,9 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
             not_strings.append(raw_key)
         elif parse_error is not None:
             batch.bad_keys.append(BadKey(raw_key, parse_error, _preview(value)))
-        else:
+        else:  # no parse error: the key parsed (said to mypy by an ignore, as an assert would renumber mutants)
             try:
-                batch.counters.append(Counter(parsed, parse_quantity(value)))
+                batch.counters.append(Counter(parsed, parse_quantity(value)))  # type: ignore[arg-type]
             except BadKeyError as err:
                 batch.bad_keys.append(BadKey(raw_key, str(err), _preview(value)))
     if not_strings:

@@ -52,12 +52,16 @@ def track_usage(
     if at is not None:
         if not isinstance(at, dt.datetime) or at.tzinfo is None:
             raise ValueError(f"at: must be a timezone-aware datetime, got {at!r}")
-        at = at.astimezone(dt.timezone.utc)
+        at = at.astimezone(dt.UTC)
         if usage_date is not None and parse_date(usage_date) != at.date():
             raise ValueError(f"usage_date: {usage_date} is not the UTC date of at ({at.isoformat()})")
     elif usage_date is None:
-        at = dt.datetime.now(dt.timezone.utc)
-    day = at.date() if at is not None else parse_date(usage_date)
+        at = dt.datetime.now(dt.UTC)
+    if at is not None:
+        day = at.date()
+    else:
+        assert usage_date is not None  # else `at` was set above
+        day = parse_date(usage_date)
     key = build_key(merchant_id, day, metric_type)
     seconds = int(ttl.total_seconds())
     pipe = client.pipeline(transaction=not is_cluster(client))

@@ -66,7 +66,7 @@ def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
 def wheel(tmp_path_factory) -> Path:
     """``uv build --wheel`` in a copy of the sources (a checkout's own build/ can hold stale modules)."""
     source = tmp_path_factory.mktemp("source")
-    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
     for folder in ("plugins", "dags"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -74,10 +74,11 @@ def wheel(tmp_path_factory) -> Path:
     built = source / "dist" / WHEEL
     with zipfile.ZipFile(built) as archive:
         names = set(archive.namelist())
-    # packages are listed in setup.cfg, not found: every module of the package and every DAG file is in
+    # packages are listed in pyproject.toml, not found: every module of the package and every DAG file is in
     expected = {f"usage_agg/{p.relative_to(ROOT / 'plugins/usage_agg').as_posix()}" for p in (ROOT / "plugins/usage_agg").rglob("*.py")}
     expected |= {f"usage_agg/dags/{p.name}" for p in (ROOT / "dags").glob("*.py")}
     expected.add("usage_agg/sql/schema.sql")
+    expected.add("usage_agg/py.typed")  # PEP 561: type checkers use the package's own annotations
     assert expected <= names, sorted(expected - names)
     return built
 

@@ -1,4 +1,4 @@
-"""The floors in setup.cfg are tested: the lowest environment runs on exactly them.
+"""The floors in pyproject.toml are tested: the lowest environment runs on exactly them.
 
 `make test` runs the unit and DAG tiers in a third environment, `.venv-airflow-lowest`,
 installed from `constraints/airflow-lowest.txt`, which `make constraints` resolves with
@@ -7,9 +7,9 @@ uv's `--resolution lowest-direct`: every direct dependency at its floor.
 
 from __future__ import annotations
 
-import configparser
 import re
 import sys
+import tomllib
 from importlib.metadata import version
 from pathlib import Path
 
@@ -20,17 +20,16 @@ from packaging.version import Version
 from tests.unit.test_constraints import CONSTRAINTS, pins
 
 ROOT = Path(__file__).resolve().parents[2]
-SETUP = configparser.ConfigParser()
-SETUP.read(ROOT / "setup.cfg")
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: What a user installs: the package and its optional integrations (the test tools are not floors).
 EXTRAS = ("statsd", "openlineage")
 
 
 def requirements() -> list[Requirement]:
-    lines = SETUP["options"]["install_requires"].splitlines()
+    lines = list(PROJECT["dependencies"])
     for extra in EXTRAS:
-        lines += SETUP["options.extras_require"][extra].splitlines()
-    return [Requirement(line) for line in lines if line.strip()]
+        lines += PROJECT["optional-dependencies"][extra]
+    return [Requirement(line) for line in lines]
 
 
 def floor(requirement: Requirement) -> Version:
@@ -48,7 +47,7 @@ def test_every_dependency_has_a_floor_the_lowest_environment_pins():
 
 
 def test_python_requires_is_the_python_every_environment_is_resolved_for():
-    python_floor = floor(Requirement(f"python{SETUP['options']['python_requires']}"))
+    python_floor = floor(Requirement(f"python{PROJECT['requires-python']}"))
     makefile = (ROOT / "Makefile").read_text()
     resolved_for = set(re.findall(r"--python-version (\S+)", makefile))
     assert resolved_for == {str(python_floor)}  # the oldest Python allowed is the one the pins are for
@@ -65,5 +64,5 @@ def test_this_environment_runs_what_its_constraints_file_pins():
         name = requirement.name.lower()
         assert version(name) == pinned[name], name
     if ENVIRONMENT.group(1) == "lowest":  # and on the oldest Python allowed
-        python_floor = floor(Requirement(f"python{SETUP['options']['python_requires']}"))
+        python_floor = floor(Requirement(f"python{PROJECT['requires-python']}"))
         assert Version(f"{sys.version_info.major}.{sys.version_info.minor}") == python_floor

@@ -1,0 +1,41 @@
+"""The lint habit holds together: CI runs it, and the pre-commit hooks run the same versions.
+
+`make lint` installs ruff and mypy at the Makefile's pins; .pre-commit-config.yaml pins them
+again for its hooks. A bump in one place only would let the two disagree about what is clean.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+MAKEFILE = (ROOT / "Makefile").read_text()
+PRE_COMMIT = (ROOT / ".pre-commit-config.yaml").read_text()
+
+
+def makefile_pin(name: str) -> str:
+    found = re.search(rf"^{name}_VERSION := (\S+)$", MAKEFILE, flags=re.MULTILINE)
+    assert found, f"Makefile: no {name}_VERSION"
+    return found.group(1)
+
+
+def test_pre_commit_pins_the_versions_make_lint_installs():
+    for tool in ("ruff", "mypy"):
+        pins = set(re.findall(rf'"{tool}==([^"]+)"', PRE_COMMIT))
+        assert pins == {makefile_pin(tool.upper())}, tool
+
+
+def test_make_lint_runs_ruff_and_mypy_over_plugins_and_dags():
+    recipe = MAKEFILE.split("\nlint:", 1)[1].split("\n\n", 1)[0]
+    for command in ("ruff check plugins dags", "ruff format --check plugins dags", "mypy --python-executable"):
+        assert command in recipe, command
+    mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert mypy["files"] == ["plugins/usage_agg", "dags"]
+    assert not mypy.get("ignore_missing_imports"), "name the untyped module in an override instead"
+
+
+def test_ci_lints_before_it_tests():
+    lines = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("make ")]
+    assert lines.index("make lint") < lines.index("make test")
