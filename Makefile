@@ -18,12 +18,12 @@ SOURCES := pyproject.toml $(shell find plugins dags -name '*.py' -o -name '*.sql
 
 .PHONY: lint test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
 
-# ruff (the rules in pyproject.toml) and mypy over plugins/ and dags/. ruff and mypy live in
+# ruff (the rules in pyproject.toml) and mypy over plugins/, dags/ and example_dags/. ruff and mypy live in
 # a small virtualenv of their own; mypy checks against Airflow 3.3's environment, so it sees
 # the types of Airflow, its providers and the drivers as installed.
 lint: .venv-lint/installed $(call venv,3.3)/installed
-	.venv-lint/bin/ruff check plugins dags
-	.venv-lint/bin/ruff format --check plugins dags
+	.venv-lint/bin/ruff check plugins dags example_dags
+	.venv-lint/bin/ruff format --check plugins dags example_dags
 	.venv-lint/bin/mypy --python-executable $(call venv,3.3)/bin/python
 
 .venv-lint/installed: Makefile

@@ -64,6 +64,7 @@ with DAG(
         "aggregate_previous_day": (-1, "Aggregate the day before", "the day before the run's `ds`"),
         "aggregate_current_day": (0, "Aggregate the run's day", "the run's `ds` (today in UTC without one)"),
     }
+
     # Independent on purpose: bad keys on one day must not keep the other from running,
     # and every aggregation is a leaf, so any failure makes the run fail (and alert).
     def doc(which: str) -> str:

@@ -26,6 +26,7 @@ from usage_agg.assets import usage_asset
 from usage_agg.identifiers import TableName
 
 USAGE = usage_asset(dag_config.usage_table())
+schedule: object
 
 if AIRFLOW_V_3_0_PLUS:
     from airflow.sdk import PartitionedAssetTimetable

@@ -36,6 +36,7 @@ class Logger(Protocol):
     def warning(self, msg: Any, /, *args: Any) -> Any: ...
     def error(self, msg: Any, /, *args: Any) -> Any: ...
 
+
 #: Bad keys named one by one in the log (and the result); all are counted and recorded.
 BAD_KEY_LOG_LIMIT = 100
 HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
@@ -206,10 +207,17 @@ def _aggregate_in_one_transaction(
         ),
         depth=-(-MERGE_EVERY_ROWS // options.batch_size) + 1,
     )  # fmt: skip
-    with DayWriter(
-        pg_conn, names, day, allow_decrease=options.allow_decrease, lock_timeout=options.lock_timeout,
-        partition=options.partition,
-    ) as writer, closing(reading) as batches:  # closing: a failure stops the reader thread at once
+    with (
+        DayWriter(
+            pg_conn,
+            names,
+            day,
+            allow_decrease=options.allow_decrease,
+            lock_timeout=options.lock_timeout,
+            partition=options.partition,
+        ) as writer,
+        closing(reading) as batches,
+    ):  # closing: a failure stops the reader thread at once
         debug = logger.isEnabledFor(logging.DEBUG)
 
         def merged(outcome: MergeResult) -> None:

@@ -243,4 +243,6 @@ def _without_url(message: str, url: str) -> str:
     secrets |= {urllib.parse.unquote(s) for s in secrets}
     for secret in sorted((s for s in secrets if len(s) > 1), key=len, reverse=True):
         message = message.replace(secret, "***")
-    return re.sub(r"'([^']+)'", lambda m: "'***'" if m.group(1) in url and m.group(1) != parts.hostname else m.group(0), message)
+    return re.sub(
+        r"'([^']+)'", lambda m: "'***'" if m.group(1) in url and m.group(1) != parts.hostname else m.group(0), message
+    )

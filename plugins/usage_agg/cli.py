@@ -159,9 +159,14 @@ def run_health(args) -> int:
     report = HealthReport()
     redis_client = _guard(f"Redis through connection {args.redis_conn_id!r}", lambda: _redis(args.redis_conn_id))
     _guard(f"Redis through connection {args.redis_conn_id!r}", lambda: check_redis(redis_client, report))
-    pg_conn = _guard(f"PostgreSQL through connection {args.postgres_conn_id!r}", lambda: _postgres(args.postgres_conn_id))
+    pg_conn = _guard(
+        f"PostgreSQL through connection {args.postgres_conn_id!r}", lambda: _postgres(args.postgres_conn_id)
+    )
     try:
-        _guard(f"PostgreSQL through connection {args.postgres_conn_id!r}", lambda: check_postgres(pg_conn, args.table, report))
+        _guard(
+            f"PostgreSQL through connection {args.postgres_conn_id!r}",
+            lambda: check_postgres(pg_conn, args.table, report),
+        )
     finally:
         pg_conn.close()
     if args.json:
@@ -217,9 +222,12 @@ class _stores:
         self.args = args
 
     def __enter__(self):
-        self.redis = _guard(f"Redis through connection {self.args.redis_conn_id!r}", lambda: _redis(self.args.redis_conn_id))
+        self.redis = _guard(
+            f"Redis through connection {self.args.redis_conn_id!r}", lambda: _redis(self.args.redis_conn_id)
+        )
         self.pg = _guard(
-            f"PostgreSQL through connection {self.args.postgres_conn_id!r}", lambda: _postgres(self.args.postgres_conn_id)
+            f"PostgreSQL through connection {self.args.postgres_conn_id!r}",
+            lambda: _postgres(self.args.postgres_conn_id),
         )
         return self.redis, self.pg
 

@@ -99,7 +99,6 @@ OPTIONS = (
         "Airflow connection whose password holds the webhook URL that failures are posted to. "
         "An Airflow Variable USAGE_AGG_ALERT_CONN_ID also takes precedence.",
     ),
-
     Option(
         "pool",
         "USAGE_AGG_POOL",

@@ -99,7 +99,8 @@ def late_run_alert() -> dict:
     from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
     if AIRFLOW_V_3_0_PLUS:
-        from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+        from airflow.sdk.definitions.callback import AsyncCallback
+        from airflow.sdk.definitions.deadline import DeadlineAlert, DeadlineReference
 
         return {
             "deadline": DeadlineAlert(

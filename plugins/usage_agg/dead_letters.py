@@ -54,7 +54,10 @@ def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
     if not bad_keys:
         return 0
     unique = {identity(bad.raw_key, bad.field): bad for bad in bad_keys}
-    values = [None if b.raw_value is None else pg_text(b.raw_value.decode("utf-8", "backslashreplace")) for b in unique.values()]
+    values = [
+        None if b.raw_value is None else pg_text(b.raw_value.decode("utf-8", "backslashreplace"))
+        for b in unique.values()
+    ]
     cur.execute(
         f"""
         WITH incoming AS (

@@ -123,7 +123,11 @@ class _StoredValues:
             except BadKeyError:
                 quantities.append(None)
             digests.append(hashlib.sha256(raw_key).digest())
-            previews.append(None if value is None else pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace")))
+            previews.append(
+                None
+                if value is None
+                else pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace"))
+            )
         with self.pg_conn.cursor() as cur:
             cur.execute(
                 f"""SELECT k.i - 1 FROM unnest(%s::text[], %s::text[], %s::date[],
@@ -174,7 +178,11 @@ def _scan_days(
             repair.execute(raise_on_error=False)
         if expiring:
             keys = [key for key, _, _ in expiring]
-            values = redis_client.mget_nonatomic(keys) if hasattr(redis_client, "mget_nonatomic") else redis_client.mget(keys)
+            values = (
+                redis_client.mget_nonatomic(keys)
+                if hasattr(redis_client, "mget_nonatomic")
+                else redis_client.mget(keys)
+            )
             # nil: gone since (nothing left to lose), or another Redis type (a bad key)
             present = [i for i, value in enumerate(values) if value is not None or redis_client.exists(keys[i])]
             for i in stored.unsaved([keys[i] for i in present], [values[i] for i in present]):
@@ -197,7 +205,9 @@ def _scan_days(
         if only_day is not None and day != only_day:
             continue
         if day not in days:
-            days[day] = DayInRedis(day.isoformat(), 0, None, indexed=redis_client.type(index_key(day)) in (b"set", "set"))
+            days[day] = DayInRedis(
+                day.isoformat(), 0, None, indexed=redis_client.type(index_key(day)) in (b"set", "set")
+            )
         days[day].keys += 1
         pending.append((raw_key, day))
         if len(pending) >= TTL_SAMPLE_BATCH:
@@ -266,4 +276,3 @@ def _note_aggregated(pg_conn, names: SchemaNames, days: dict[dt.date, DayInRedis
         for (day,) in cur.fetchall():
             days[day].aggregated = True
     pg_conn.rollback()
-

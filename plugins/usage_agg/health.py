@@ -89,6 +89,8 @@ def check_postgres(conn, table: str, report: HealthReport) -> None:
     if missing:
         report.add("postgres schema", False, f"missing {', '.join(missing)}; the next aggregation run creates them")
     elif not schema_is_current(conn, names):
-        report.add("postgres schema", False, f"older than version {SCHEMA_VERSION}; the next aggregation run upgrades it")
+        report.add(
+            "postgres schema", False, f"older than version {SCHEMA_VERSION}; the next aggregation run upgrades it"
+        )
     else:
         report.add("postgres schema", True, f"{names.usage} and its companions exist, schema version {SCHEMA_VERSION}")

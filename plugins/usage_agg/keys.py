@@ -144,7 +144,10 @@ def parse_key(raw_key: bytes | str) -> UsageKey:
     if "\x00" in key:
         raise BadKeyError("key contains a NUL character, which PostgreSQL text cannot store")
     usage_date = _key_date(day)
-    for what, text, limit in (("merchant id", merchant_id, MAX_MERCHANT_ID_BYTES), ("metric type", metric_type, MAX_METRIC_TYPE_BYTES)):
+    for what, text, limit in (
+        ("merchant id", merchant_id, MAX_MERCHANT_ID_BYTES),
+        ("metric type", metric_type, MAX_METRIC_TYPE_BYTES),
+    ):
         if reason := _length_problem(what, text, limit):
             raise BadKeyError(reason)
     return UsageKey(merchant_id, usage_date, metric_type)
@@ -208,7 +211,6 @@ def split_keys_of_day(raw_keys: list[bytes], day_text: str) -> list[tuple[bytes,
         return None
     pairs = _day_keys_re(day_text).findall(blob)
     return pairs if len(pairs) == len(raw_keys) else None
-
 
 
 def are_plain_quantities(raw_values: list) -> bool:

@@ -81,7 +81,10 @@ def reconcile_date(
     names = resolve_names(pg_conn, table)
     status = DateStatus(usage_date=day.isoformat(), merchant_id=merchant_id, table=str(names.usage))
     missing_tables = set(missing_objects(pg_conn, names)) & {
-        str(names.usage), str(names.errors), str(names.runs), str(names.hourly)
+        str(names.usage),
+        str(names.errors),
+        str(names.runs),
+        str(names.hourly),
     }
     status.schema_exists = not missing_tables
     redis_totals: Tally[str] = Tally()
@@ -241,4 +244,3 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
         status.dead_letters.append(
             {"key": key, "reason": reason, "times_seen": int(seen), "last_seen": last_seen.isoformat()}
         )
-

@@ -82,7 +82,9 @@ def _merchant(merchant_id: object, all_merchants: object) -> str | None:
         raise RerunRequestError("merchant_id: must not contain a NUL character")
     size = len(merchant_id.encode("utf-8", "surrogatepass"))
     if size > MAX_MERCHANT_ID_BYTES:
-        raise RerunRequestError(f"merchant_id: is {size} bytes long; at most {MAX_MERCHANT_ID_BYTES} bytes are accepted")
+        raise RerunRequestError(
+            f"merchant_id: is {size} bytes long; at most {MAX_MERCHANT_ID_BYTES} bytes are accepted"
+        )
     return merchant_id
 
 

@@ -78,7 +78,10 @@ class Source:
 
 
 def register_incarnations(
-    conn, names: SchemaNames, incarnations: dict[str, RedisIncarnation], lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT
+    conn,
+    names: SchemaNames,
+    incarnations: dict[str, RedisIncarnation],
+    lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
 ) -> dict[str, Source]:
     """Note the Redis lives a run reads, in a short transaction of its own, and commit.
 
@@ -185,7 +188,9 @@ class _Stage:
         """COPY rows of text and ints, every field escaped."""
         if not rows:
             return []
-        refused = self.writer._isolated(rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse)
+        refused = self.writer._isolated(
+            rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse
+        )
         self.staged += len(rows) - len(refused)
         return refused
 
@@ -193,7 +198,10 @@ class _Stage:
         good, refused = [], []
         for row in rows:
             try:
-                good.append(tuple(x.decode("utf-8") if isinstance(x, bytes) else x for x in row[:2]) + tuple(int(x) for x in row[2:]))
+                good.append(
+                    tuple(x.decode("utf-8") if isinstance(x, bytes) else x for x in row[:2])
+                    + tuple(int(x) for x in row[2:])
+                )
             except (UnicodeDecodeError, ValueError) as err:
                 refused.append(self.refuse(row, f"cannot be staged: {err}"))
         return good, refused
@@ -210,10 +218,14 @@ class _Stage:
             if part is not None:  # a retry without the refused rows: stage this part alone
                 cur.execute(f"TRUNCATE {self.table}")
                 _copy_rows(cur, self.copy_target, part)
-            with self.writer._bounded_wait("a row lock on", "held by another connection (an open transaction on the table)"):
+            with self.writer._bounded_wait(
+                "a row lock on", "held by another connection (an open transaction on the table)"
+            ):
                 cur.execute(statement, params)
             result.add(self._result(cur.fetchone()))
-            dead_letters.resolve_fixed(cur, self.writer.names.errors.quoted, self.writer.usage_date, self.table, self.shape is HOURLY)
+            dead_letters.resolve_fixed(
+                cur, self.writer.names.errors.quoted, self.writer.usage_date, self.table, self.shape is HOURLY
+            )
 
         try:
             cur.execute("SAVEPOINT usage_agg_merge")
@@ -294,7 +306,9 @@ class DayWriter:
             (_ms(self.lock_timeout), _ms(IDLE_IN_TRANSACTION_TIMEOUT), MERGE_WORK_MEM),
         )
         day_lock = (f"usage_agg {self.names.usage}", self.usage_date.toordinal())
-        with self._bounded_wait("the lock on", "held by another writer of that date (an hourly run, a merchant rerun or another deployment)"):
+        with self._bounded_wait(
+            "the lock on", "held by another writer of that date (an hourly run, a merchant rerun or another deployment)"
+        ):
             if self.partition is None:
                 cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", day_lock)
             else:
@@ -402,7 +416,12 @@ class DayWriter:
         return self._hourly.stage_block(rows, b"%b\t%b\t%d\t%d\n")
 
     def _isolated(
-        self, rows: list, attempt: Callable[[list], object], refuse: Callable[[tuple, str], BadKey], *, failed_whole: bool = False
+        self,
+        rows: list,
+        attempt: Callable[[list], object],
+        refuse: Callable[[tuple, str], BadKey],
+        *,
+        failed_whole: bool = False,
     ) -> list[BadKey]:
         """Run ``attempt(rows)``; if PostgreSQL refuses a row, find it and set it aside.
 

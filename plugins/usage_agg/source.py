@@ -60,7 +60,11 @@ class BadKey:
         """The key for a log line: invalid UTF-8 backslash-escaped, a very long key shortened."""
         text = self.raw_key[:KEY_TEXT_PREVIEW].decode("utf-8", "backslashreplace")
         text = text if len(self.raw_key) <= KEY_TEXT_PREVIEW else f"{text}... ({len(self.raw_key)} bytes)"
-        return text if self.field is None else f"{text} field {self.field[:KEY_TEXT_PREVIEW].decode('utf-8', 'backslashreplace')}"
+        return (
+            text
+            if self.field is None
+            else f"{text} field {self.field[:KEY_TEXT_PREVIEW].decode('utf-8', 'backslashreplace')}"
+        )
 
 
 @dataclass
@@ -220,7 +224,12 @@ def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
             batch.hourly_mismatches += 1
             if len(batch.mismatch_samples) < MISMATCH_SAMPLES:
                 batch.mismatch_samples.append(
-                    {"merchant_id": merchant.decode(), "metric_type": metric.decode(), "daily": daily, "hourly_sum": total}
+                    {
+                        "merchant_id": merchant.decode(),
+                        "metric_type": metric.decode(),
+                        "daily": daily,
+                        "hourly_sum": total,
+                    }
                 )
 
 

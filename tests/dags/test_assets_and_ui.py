@@ -13,6 +13,7 @@ import datetime as dt
 import pendulum
 import pytest
 
+from tests.conftest import PG_DATABASE, PG_HOST, PG_PORT
 from tests.dags.conftest import AIRFLOW_V3, load_dagbag, run_dag
 from usage_agg import assets, dag_config
 from usage_agg.alerts import late_run_alert, late_run_sla_miss
@@ -99,10 +100,11 @@ def test_a_merchant_rerun_emits_one_event_per_date_of_its_range(redis_client, us
 
 
 def test_the_configured_asset_uri_is_the_one_producers_and_consumers_share(monkeypatch, usage_env):
-    monkeypatch.setenv("USAGE_AGG_ASSET_URI", "postgres://db.internal:5432/billing/public/merchant_usage")
-    assert assets.usage_asset().uri == "postgres://db.internal:5432/billing/public/merchant_usage"
+    uri = f"postgres://{PG_HOST}:{PG_PORT}/{PG_DATABASE}/billing/merchant_usage"  # where the table really is
+    monkeypatch.setenv("USAGE_AGG_ASSET_URI", uri)
+    assert assets.usage_asset().uri == uri
     dag = load_dagbag().get_dag("usage_aggregation")
-    assert {o.uri for t in dag.tasks for o in t.outlets} == {"postgres://db.internal:5432/billing/public/merchant_usage"}
+    assert {o.uri for t in dag.tasks for o in t.outlets} == {uri}
 
 
 def test_rendered_template_shows_the_date_each_task_reads(redis_client, usage_env):

@@ -27,12 +27,12 @@ def test_pre_commit_pins_the_versions_make_lint_installs():
         assert pins == {makefile_pin(tool.upper())}, tool
 
 
-def test_make_lint_runs_ruff_and_mypy_over_plugins_and_dags():
+def test_make_lint_runs_ruff_and_mypy_over_plugins_dags_and_the_example():
     recipe = MAKEFILE.split("\nlint:", 1)[1].split("\n\n", 1)[0]
-    for command in ("ruff check plugins dags", "ruff format --check plugins dags", "mypy --python-executable"):
+    for command in ("ruff check plugins dags example_dags", "ruff format --check plugins dags example_dags", "mypy --python-executable"):
         assert command in recipe, command
     mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
-    assert mypy["files"] == ["plugins/usage_agg", "dags"]
+    assert mypy["files"] == ["plugins/usage_agg", "dags", "example_dags"]
     assert not mypy.get("ignore_missing_imports"), "name the untyped module in an override instead"
 
 
