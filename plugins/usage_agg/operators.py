@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSkipException, BaseOperator
+from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
 from usage_agg import metrics
 from usage_agg.aggregate import aggregate_day
@@ -133,7 +134,15 @@ class RedisUsageToPostgresOperator(BaseOperator):
         except ValueError as err:  # a configuration error: retrying cannot fix it
             raise AirflowFailException(str(err)) from None
         if self.once_per_day_in_backfill and (why := repeated_backfill_work(context)):
-            raise AirflowSkipException(f"Not aggregating {day}: {why}")
+            if AIRFLOW_V_3_0_PLUS:
+                raise AirflowSkipException(f"Not aggregating {day}: {why}")
+            # Airflow 2.11's backfill: a task that skips itself writes back the run it loaded
+            # at its start, and now and then that stale copy (state running) overwrites the
+            # run's final state, leaving a finished run "running" that holds a max_active_runs
+            # slot. Succeeding at once, with nothing to announce, does not.
+            self.log.info("Not aggregating %s: %s", day, why)
+            self.outlets = []  # no asset event: nothing was written
+            return {"usage_date": day.isoformat(), "not_aggregated": why}
 
         redis_hook = RedisHook(redis_conn_id=self.redis_conn_id)
         redis_client = redis_hook.get_conn()
@@ -185,7 +194,6 @@ class RedisUsageToPostgresOperator(BaseOperator):
                 "%d bad key(s) already reported by an earlier run; see usage_aggregation_errors", result.bad_keys
             )
         return payload
-
 
     def get_openlineage_facets_on_complete(self, task_instance):
         """Lineage for the OpenLineage provider: the Redis day read, the table written.
@@ -246,7 +254,12 @@ class RedisPartitionsOperator(BaseOperator):
         from usage_agg.partitions import redis_partitions
 
         if why := repeated_backfill_work(context):
-            raise AirflowSkipException(f"Not planning: {why}")
+            if AIRFLOW_V_3_0_PLUS:
+                raise AirflowSkipException(f"Not planning: {why}")
+            # Airflow 2.11: no self-skip (see RedisUsageToPostgresOperator.execute); no parts
+            # makes the scheduler skip the mapped aggregation tasks.
+            self.log.info("Not planning: %s", why)
+            return []
         parts = redis_partitions(RedisHook(redis_conn_id=self.redis_conn_id).get_conn())
         self.log.info("Fanning out over %d Redis part(s): %s", len(parts), ", ".join(parts))
         return [{"redis_partition": part, "partition_count": len(parts)} for part in parts]
