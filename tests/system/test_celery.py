@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shlex
+import subprocess
 import time
 
 import psycopg2
@@ -19,7 +20,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from tests.conftest import pg_connect
-from tests.system.stack import AIRFLOW_V3
+from tests.system.stack import AIRFLOW_V3, REPO
 from usage_agg.aggregate import aggregate_day
 from usage_agg.tracking import track_usage
 
@@ -159,3 +160,19 @@ def _audit_parts(table: str, run_id: str) -> dict[tuple[dt.date, str], int]:
         found = {(day, part): keys for day, part, keys in cur.fetchall()}
     conn.close()
     return found
+
+
+def test_the_compose_files_worker_healthcheck_answers_for_a_running_worker(celery_stack):
+    """docker-compose.yaml's airflow-worker healthcheck, run against this deployment's workers."""
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yaml").read_text())
+    kind, command = compose["services"]["airflow-worker"]["healthcheck"]["test"]
+    assert kind == "CMD-SHELL"
+    for node in celery_stack.workers.values():
+        # Compose turns $$ into $; in a container the node is celery@ its hostname.
+        here = command.replace('"celery@$${HOSTNAME}"', shlex.quote(node))
+        assert here != command
+        done = subprocess.run(["sh", "-c", here], env=celery_stack.env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"{node}: OK" in done.stdout, done.stdout
