@@ -39,7 +39,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from run import seed  # noqa: E402 - bench/run.py, beside this file
-
 from tests.redis_cluster import LocalRedisCluster  # noqa: E402
 from tests.system.stack import AIRFLOW_V3, AIRFLOW_VERSION, CeleryStack  # noqa: E402
 
@@ -136,10 +135,15 @@ def run_once(cluster: LocalRedisCluster, fan_out: str, schema: str, workdir: Pat
             "wall_seconds": round(wall, 2),
             "keys": sum(p[2] for p in parts),
             "parts": [
-                {"task": task, "redis_partition": part, "keys": keys, "seconds": round(float(seconds), 2),
-                 "worker": hosts.get(task)}
+                {
+                    "task": task,
+                    "redis_partition": part,
+                    "keys": keys,
+                    "seconds": round(float(seconds), 2),
+                    "worker": hosts.get(task),
+                }
                 for task, part, keys, _, _, seconds in parts
-            ],  # fmt: skip
+            ],
             "task_instance_seconds": {
                 (f"[{index}]" if index >= 0 else "single"): round(float(s), 2) for _, index, _, s in tasks
             },
@@ -185,7 +189,8 @@ def main() -> None:
             started = time.monotonic()
             seed(client, DAY, args.keys)
             sizes = {node.port: client.dbsize(target_nodes=node) for node in client.get_primaries()}
-            print(f"seeded {args.keys:,} keys of {DAY} in {time.monotonic() - started:.0f} s; keys per primary: {sizes}")
+            took = time.monotonic() - started
+            print(f"seeded {args.keys:,} keys of {DAY} in {took:.0f} s; keys per primary: {sizes}")
             client.close()
             results = [
                 run_once(cluster, fan_out, f"{schema}_{fan_out}", workdir) for fan_out in ("off", "redis_primaries")
@@ -213,10 +218,10 @@ def main() -> None:
     }
     print(f"Airflow {AIRFLOW_VERSION}, {args.keys:,} keys of one day over 3 primaries, rows {single['rows']}")
     print(f"  one task                        {single['wall_seconds']:8.1f} s (audit)")
-    print(f"  fanned out, 2 workers x 1 slot  {fanned['wall_seconds']:8.1f} s (audit: first part start to last end)")
+    print(f"  fanned out, 2 workers x 1 slot  {fanned['wall_seconds']:8.1f} s (audit: first part start, last end)")
     for part in fanned["parts"]:
-        print(f"    {part['task']!s:28s} {part['redis_partition']!s:18s} {part['keys']:>9,} keys {part['seconds']:7.1f} s"
-              f"  on {part['worker']}")  # fmt: skip
+        where = f"{part['task']!s:28s} {part['redis_partition']!s:18s}"
+        print(f"    {where} {part['keys']:>9,} keys {part['seconds']:7.1f} s  on {part['worker']}")
     print(f"  one task / fanned out           {report['speedup']:8.2f}")
     print(f"  load average before (1/5/15 min): one task {single['load_average_before']}, "
           f"fanned out {fanned['load_average_before']}")  # fmt: skip

@@ -12,7 +12,6 @@ import shlex
 import uuid
 
 import pytest
-
 from tests.conftest import PG_DATABASE, PG_HOST, PG_PORT, PG_USER, REDIS_HOST, REDIS_PORT, pg_connect
 from tests.system.stack import AirflowStack, CeleryStack
 

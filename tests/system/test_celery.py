@@ -18,9 +18,9 @@ import psycopg2
 import pytest
 import redis
 from redis.cluster import RedisCluster
-
 from tests.conftest import pg_connect
 from tests.system.stack import AIRFLOW_V3, REPO
+
 from usage_agg.aggregate import aggregate_day
 from usage_agg.tracking import track_usage
 
@@ -100,9 +100,7 @@ def test_a_fanned_out_run_spreads_over_both_workers_and_writes_what_one_task_wri
     celery_stack.wait_for_dag(DAG_ID)
     celery_stack.airflow("dags", "unpause", DAG_ID)
     celery_stack.airflow(*shlex.split(TRIGGER_COMMAND)[1:])
-    ((run_id,),) = metadata(
-        "SELECT run_id FROM dag_run WHERE dag_id = %s AND run_type = 'manual'", (DAG_ID,)
-    )  # fmt: skip
+    ((run_id,),) = metadata("SELECT run_id FROM dag_run WHERE dag_id = %s AND run_type = 'manual'", (DAG_ID,))
     state = _wait_for_run(metadata, run_id)
     tasks = metadata(
         "SELECT task_id, map_index, state, hostname FROM task_instance WHERE dag_id = %s AND run_id = %s",
@@ -111,7 +109,7 @@ def test_a_fanned_out_run_spreads_over_both_workers_and_writes_what_one_task_wri
     assert state == "success", tasks
 
     # Every part of both days ran, and the two workers shared them.
-    mapped = [(task, index, host) for task, index, task_state, host in tasks if index >= 0]
+    mapped = [(task, index, host) for task, index, _, host in tasks if index >= 0]
     assert sorted((task, index) for task, index, _ in mapped) == [
         (f"aggregate_{day}_day", i) for day in ("current", "previous") for i in range(3)
     ], tasks
