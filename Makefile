@@ -93,7 +93,7 @@ constraints:
 		uv pip compile -q --python-version 3.11 --no-header --no-annotate pyproject.toml .airflow-pin.txt --extra test -o constraints/airflow-2.11.txt
 	cp constraints/airflow-lowest.txt .lowest-runtime.txt 2>/dev/null || true
 	uv pip compile -q --python-version 3.11 --resolution lowest-direct --no-header --no-annotate \
-		pyproject.toml --extra statsd --extra openlineage -o .lowest-runtime.txt
+		pyproject.toml --extra statsd --extra openlineage --extra celery -o .lowest-runtime.txt
 	uv pip compile -q --python-version 3.11 --no-header --no-annotate \
 		pyproject.toml --extra test -c .lowest-runtime.txt -o constraints/airflow-lowest.txt
 	rm -f .airflow-pin.txt .lowest-runtime.txt

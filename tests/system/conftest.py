@@ -12,11 +12,12 @@ import shlex
 import uuid
 
 import pytest
-
 from tests.conftest import PG_DATABASE, PG_HOST, PG_PORT, PG_USER, REDIS_HOST, REDIS_PORT, pg_connect
-from tests.system.stack import AirflowStack
+from tests.system.stack import AirflowStack, CeleryStack
 
 REDIS_DB = 13
+#: the Celery broker's database: never the usage data's (13, or the cluster the Celery tests read)
+BROKER_REDIS_DB = 14
 POOL_COMMAND = 'airflow pools set usage_agg 4 "usage-agg tasks: bounds how many wait on day locks"'
 
 
@@ -64,6 +65,51 @@ def stack(tmp_path_factory, usage_schema):
         stack.stop()
         leftovers = stack.running_pids()
         _admin(f'DROP DATABASE IF EXISTS "{metadata_db}" WITH (FORCE)')
+        assert leftovers == [], f"Airflow processes left running: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def celery_stack(tmp_path_factory, redis_cluster):
+    """A CeleryExecutor deployment (two workers) whose hourly DAG fans out over the local Redis Cluster.
+
+    Module-scoped: only tests/system/test_celery.py uses it, and it stops when that module is
+    done, so it never runs beside the LocalExecutor ``stack``. Its usage table is in a schema of
+    its own; the broker is Redis database ``BROKER_REDIS_DB``, emptied before and after.
+    """
+    import redis
+
+    schema = f"sys_celery_{uuid.uuid4().hex[:10]}"
+    metadata_db = f"airflow_meta_{uuid.uuid4().hex[:10]}"
+    broker = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_REDIS_DB)
+    broker.flushdb()
+    _admin(f'CREATE DATABASE "{metadata_db}"')
+    cluster_node = redis_cluster.ports[0]
+    stack = CeleryStack(
+        tmp_path_factory.mktemp("airflow-celery-home"),
+        f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{metadata_db}",
+        {
+            "AIRFLOW_CONN_USAGE_REDIS": json.dumps(
+                {"conn_type": "redis", "host": "127.0.0.1", "port": cluster_node, "extra": {"cluster": True}}
+            ),
+            "AIRFLOW_CONN_USAGE_POSTGRES": json.dumps(
+                {"conn_type": "postgres", "host": PG_HOST, "port": PG_PORT, "login": PG_USER, "schema": PG_DATABASE}
+            ),
+            "USAGE_AGG_TABLE": f"{schema}.merchant_usage",
+            "USAGE_AGGREGATION_FAN_OUT": "redis_primaries",
+        },
+        broker_url=f"redis://{REDIS_HOST}:{REDIS_PORT}/{BROKER_REDIS_DB}",
+    )
+    try:
+        stack.migrate()
+        stack.start()
+        yield stack
+    finally:
+        stack.stop()
+        leftovers = stack.running_pids()
+        _admin(f'DROP DATABASE IF EXISTS "{metadata_db}" WITH (FORCE)')
+        _admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        broker.flushdb()
+        broker.close()
         assert leftovers == [], f"Airflow processes left running: {leftovers}"
 
 

@@ -5,6 +5,7 @@ dropped afterwards), the LocalExecutor, and the long-running processes of the
 installed Airflow major (3: ``api-server``, ``scheduler``, ``dag-processor``;
 2: ``scheduler``, ``webserver``). Every process starts in its own process group
 and the whole group is stopped, so nothing is left running after the tests.
+:class:`CeleryStack` runs the same installation on the CeleryExecutor with workers.
 """
 
 from __future__ import annotations
@@ -132,11 +133,15 @@ class AirflowStack:
             else {"webserver": ["webserver", "--port", str(self.port)], "scheduler": ["scheduler"]}
         )
         for name, args in services.items():
-            log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-            self.processes[name] = subprocess.Popen(
-                ["airflow", *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            self.spawn(name, args)
         self.wait_until_healthy()
+
+    def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        """Start ``airflow ARGS`` in a process group of its own, logging to ``<home>/<name>.log``."""
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        self.processes[name] = subprocess.Popen(
+            ["airflow", *args], env=env or self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def wait_until_healthy(self, timeout: float = 180) -> None:
         health = f"{self.url}/api/v2/monitor/health" if AIRFLOW_V3 else f"{self.url}/health"
@@ -231,6 +236,87 @@ class AirflowStack:
 
     def trigger_url(self, dag_id: str) -> str:
         return f"{self.url}/api/{'v2' if AIRFLOW_V3 else 'v1'}/dags/{dag_id}/dagRuns"
+
+
+class CeleryStack(AirflowStack):
+    """The same installation on the CeleryExecutor, as Airflow's official compose file runs it.
+
+    The broker is a Redis database of its own (``broker_url``), the result backend the
+    metadata PostgreSQL, and each of ``workers`` an ``airflow celery worker`` in a process
+    group of its own, started before the scheduler. A worker's name is its Celery node name
+    and, through ``[core] hostname_callable``, the hostname its task instances record, so
+    the metadata DB shows which worker ran what. ``concurrency`` 1 makes each worker hold
+    one task at a time (Airflow's Celery settings prefetch no more), so a fan-out spreads.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        metadata_dsn: str,
+        extra_env: dict[str, str],
+        *,
+        broker_url: str,
+        workers: tuple[str, ...] = ("worker1", "worker2"),
+        concurrency: int = 1,
+    ):
+        super().__init__(home, metadata_dsn, extra_env)
+        self.broker_url = broker_url
+        self.concurrency = concurrency
+        self.workers = {name: f"{name}@{socket.gethostname()}" for name in workers}
+        self.env.update(
+            {
+                "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                "AIRFLOW__CELERY__BROKER_URL": broker_url,
+                "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + metadata_dsn.replace("postgresql+psycopg2", "postgresql"),
+                "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(concurrency),
+            }
+        )
+        # The hostname callable: a module of this installation's own, on the workers' path only.
+        site = home / "worker-site"
+        site.mkdir(exist_ok=True)
+        (site / "celery_stack_hostname.py").write_text(
+            "import os\n\n\ndef hostname() -> str:\n    return os.environ['CELERY_STACK_WORKER']\n"
+        )
+        self.worker_site = site
+
+    def worker_env(self, name: str) -> dict[str, str]:
+        return {
+            **self.env,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(self.worker_site), self.env.get("PYTHONPATH")])),
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "celery_stack_hostname.hostname",
+            "CELERY_STACK_WORKER": self.workers[name],
+            # Each worker serves its task logs on a port of its own (8793 for all by default).
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        }
+
+    def start(self) -> None:
+        for name, node in self.workers.items():
+            args = ["celery", "worker", "--celery-hostname", node, "--concurrency", str(self.concurrency)]
+            self.spawn(name, args, env=self.worker_env(name))
+        super().start()
+        self.wait_for_workers()
+
+    def wait_for_workers(self, timeout: float = 120) -> None:
+        """Until every worker answers a Celery ping through the broker."""
+        from celery import Celery
+
+        app = Celery(broker=self.broker_url)
+        answered: set[str] = set()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for name in self.workers:
+                    if self.processes[name].poll() is not None:
+                        raise AssertionError(f"worker {name} exited:\n{self.log_tail(name)}")
+                answered = {node for reply in app.control.ping(timeout=2) for node in reply}
+                if set(self.workers.values()) <= answered:
+                    return
+            raise AssertionError(
+                f"workers not answering after {timeout} s (answered: {answered}):\n"
+                + "\n".join(map(self.log_tail, self.workers))
+            )
+        finally:
+            app.close()
 
 
 def _signal_group(group: subprocess.Popen | int, sig: int) -> None:

@@ -22,7 +22,7 @@ from tests.unit.test_constraints import CONSTRAINTS, pins
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 #: What a user installs: the package and its optional integrations (the test tools are not floors).
-EXTRAS = ("statsd", "openlineage")
+EXTRAS = ("statsd", "openlineage", "celery")
 
 
 def requirements() -> list[Requirement]:
