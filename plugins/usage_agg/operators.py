@@ -14,6 +14,7 @@ from usage_agg.aggregate import aggregate_day
 from usage_agg.assets import record_events
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
+from usage_agg.options import AggregationOptions
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT
 
@@ -124,13 +125,27 @@ class RedisUsageToPostgresOperator(BaseOperator):
             return
         self.usage_date, self.day_offset = day.isoformat(), 0
 
+    def aggregation_options(self) -> AggregationOptions:
+        """The rendered arguments as one :class:`AggregationOptions`; ``ValueError`` names a bad one."""
+        return AggregationOptions(
+            merchant_id=self.merchant_id or None,
+            table=self.table,
+            allow_decrease=as_bool(self.allow_decrease, field="allow_decrease"),
+            batch_size=self.batch_size,
+            scan_count=self.scan_count,
+            lock_timeout=dt.timedelta(seconds=self.lock_timeout_seconds),
+            discovery=self.discovery,
+            partition=self.redis_partition,
+            partition_count=self.partition_count,
+        )
+
     def execute(self, context: Context) -> dict:
         from airflow.providers.postgres.hooks.postgres import PostgresHook
         from airflow.providers.redis.hooks.redis import RedisHook
 
         try:
             day = resolve_usage_date(self.usage_date, context, self.day_offset)
-            allow_decrease = as_bool(self.allow_decrease, field="allow_decrease")
+            options = self.aggregation_options()
         except ValueError as err:  # a configuration error: retrying cannot fix it
             raise AirflowFailException(str(err)) from None
         if self.once_per_day_in_backfill and (why := repeated_backfill_work(context)):
@@ -155,17 +170,9 @@ class RedisUsageToPostgresOperator(BaseOperator):
                 redis_client,
                 pg_conn,
                 day,
-                merchant_id=self.merchant_id or None,
-                table=self.table,
-                allow_decrease=allow_decrease,
-                batch_size=self.batch_size,
-                scan_count=self.scan_count,
-                lock_timeout=dt.timedelta(seconds=self.lock_timeout_seconds),
-                discovery=self.discovery,
+                options,
                 audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
                 logger=self.log,
-                partition=self.redis_partition,
-                partition_count=self.partition_count,
             )
         except ValueError as err:
             raise AirflowFailException(str(err)) from None

@@ -160,3 +160,22 @@ def test_the_partition_plan_lists_every_part_and_skips_in_repeated_backfill_runs
             operator.execute(_backfill_context(ti, 3))
     else:  # no parts: the scheduler skips the mapped tasks (a task skipping itself is avoided on 2.11)
         assert operator.execute(_backfill_context(ti, 3)) == []
+
+
+def test_the_operator_hands_every_argument_down_as_one_options_object():
+    from usage_agg.options import AggregationOptions
+
+    operator = RedisUsageToPostgresOperator(
+        task_id="t", merchant_id="acme", table="billing.usage", allow_decrease="True", batch_size=7,
+        scan_count=11, lock_timeout_seconds=3.5, discovery="scan", redis_partition="10.0.0.1:7000",
+        partition_count=3,
+    )  # fmt: skip
+    assert operator.aggregation_options() == AggregationOptions(
+        merchant_id="acme", table="billing.usage", allow_decrease=True, batch_size=7, scan_count=11,
+        lock_timeout=dt.timedelta(seconds=3.5), discovery="scan", partition="10.0.0.1:7000", partition_count=3,
+    )  # fmt: skip
+    operator.merchant_id = ""  # a template rendered empty: every merchant
+    assert operator.aggregation_options().merchant_id is None
+    operator.discovery = "everything"
+    with pytest.raises(ValueError, match="discovery: must be one of"):
+        operator.aggregation_options()
