@@ -25,12 +25,19 @@ pytestmark = [
 
 CHROMIUM = os.environ.get("USAGE_AGG_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(os.environ.get("USAGE_AGG_ARTIFACTS", REPO / "build" / "artifacts"))
-#: what the form must show for each Param: its title, its description, its input type
+#: what the form must show for each Param: its section, title, description and input type
 FIELDS = {
-    "merchant_id": ("Merchant ID", "The merchant to re-aggregate, exactly as in its Redis keys.", None),
-    "date": ("Date", "The day to re-aggregate (UTC), or the first day of the range.", "date"),
-    "end_date": ("End date (optional)", "Last day of the range, inclusive; at most 31 days after Date.", "date"),
-}
+    "merchant_id": ("Whose usage", "Merchant ID", "The merchant to re-aggregate, exactly as in its Redis keys.", None),
+    "date": ("Which days", "Date", "The day to re-aggregate (UTC), or the first day of the range.", "date"),
+    "end_date": (
+        "Which days", "End date (optional)", "Last day of the range, inclusive; at most 31 days after Date.", "date",
+    ),
+}  # fmt: skip
+#: the boolean Params, shown as switches: section, title, description
+SWITCHES = (
+    ("How", "Allow decrease", "Redis is the truth: set each total to its Redis value, even lower."),
+    ("Whose usage", "All merchants", "Rerun every merchant for these dates (Merchant ID empty)."),
+)
 
 
 @pytest.fixture
@@ -61,24 +68,33 @@ def test_the_trigger_form_shows_the_params_and_starts_a_run_that_succeeds(
     page = browser_page
     page.goto(f"{stack.url}/dags/{DAG_ID}")
     page.get_by_role("button", name="Trigger").first.click()
-    form = page.locator("[role=dialog][data-state=open]").filter(has_text=f"Trigger Dag - {DAG_ID}")
+    # the UI names the DAG and its tasks by their display names
+    form = page.locator("[role=dialog][data-state=open]").filter(has_text="Trigger Dag - Rerun usage aggregation")
     form.wait_for()
 
-    for name, (title, description, input_type) in FIELDS.items():
+    def open_section(title: str) -> None:
+        """The form folds the Params into the DAG's sections, one open at a time."""
+        section = form.get_by_role("button", name=title, exact=True)
+        if section.get_attribute("aria-expanded") != "true":
+            section.click()
+        expect(section).to_have_attribute("aria-expanded", "true")
+
+    for name, (section, title, description, input_type) in FIELDS.items():
+        open_section(section)
         field = form.locator("[role=group][data-scope=field]", has=page.locator(f"#element_{name}"))
         text = field.inner_text()
         assert title in text and description in text, text
         assert form.locator(f"#element_{name}").get_attribute("type") == input_type
-    for title, description in (
-        ("Allow decrease", "Redis is the truth: set each total to its Redis value, even lower."),
-        ("All merchants", "Rerun every merchant for these dates (Merchant ID empty)."),
-    ):
+    for section, title, description in SWITCHES:
+        open_section(section)
         # the field whose text starts with the title (Merchant ID's description mentions All merchants)
-        checkbox = form.locator("[role=group][data-scope=field]", has_text=re.compile(f"^\\s*{re.escape(title)}"))
-        assert description in checkbox.inner_text()
-        assert checkbox.get_by_role("checkbox").count() == 1
+        switch = form.locator("[role=group][data-scope=field]", has_text=re.compile(f"^\\s*{re.escape(title)}"))
+        assert description in switch.inner_text()
+        assert switch.get_by_role("checkbox").count() == 1
 
+    open_section("Whose usage")
     form.locator("#element_merchant_id").fill(MERCHANT)
+    open_section("Which days")
     form.locator("#element_date").fill("2025-11-01")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "trigger-form-filled.png"))
@@ -91,7 +107,7 @@ def test_the_trigger_form_shows_the_params_and_starts_a_run_that_succeeds(
 
     # The UI shows it too: the run's task instances, each succeeded.
     page.reload()
-    for task_id in ("validate_request", "aggregate_merchant_day"):
-        row = page.get_by_role("row").filter(has_text=task_id)
+    for task_name in ("Check the request", "Aggregate a date"):
+        row = page.get_by_role("row").filter(has_text=task_name)
         expect(row).to_contain_text("success", ignore_case=True, timeout=60_000)
     page.screenshot(path=str(ARTIFACTS / "trigger-form-run-succeeded.png"))
