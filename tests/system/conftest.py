@@ -7,6 +7,7 @@ and the usage tables first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import uuid
@@ -137,9 +138,9 @@ def usage_table(stack, usage_schema, query):
     return table
 
 
-@pytest.fixture
-def metadata(stack):
-    """Run a query on the Airflow metadata database."""
+@contextlib.contextmanager
+def metadata_queries(stack):
+    """A function running a query on ``stack``'s Airflow metadata database, for the ``with`` block."""
     import psycopg2
 
     dsn = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2", "postgresql")
@@ -151,8 +152,17 @@ def metadata(stack):
             cur.execute(sql, params)
             return cur.fetchall()
 
-    yield run
-    conn.close()
+    try:
+        yield run
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def metadata(stack):
+    """Run a query on the Airflow metadata database."""
+    with metadata_queries(stack) as run:
+        yield run
 
 
 @pytest.fixture

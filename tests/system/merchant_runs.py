@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.conftest import pg_connect
+
 from usage_agg.sink import ensure_schema
 from usage_agg.tracking import track_usage
 
@@ -38,11 +39,11 @@ def manual_runs(metadata) -> list[tuple[str, str]]:
     return metadata(f"SELECT run_id, state FROM dag_run WHERE dag_id = '{DAG_ID}' ORDER BY id")
 
 
-def wait_for_run(metadata, run_id: str, timeout: float = 180) -> str:
+def wait_for_run(metadata, run_id: str, timeout: float = 180, dag_id: str = DAG_ID) -> str:
     deadline = time.monotonic() + timeout
     state = None
     while time.monotonic() < deadline:
-        found = metadata("SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))
+        found = metadata("SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (dag_id, run_id))
         state = found[0][0] if found else None
         if state in ("success", "failed"):
             return state

@@ -12,13 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import shlex
 import subprocess
-import time
 
-import psycopg2
 import pytest
 import redis
 from redis.cluster import RedisCluster
 from tests.conftest import pg_connect
+from tests.system.conftest import metadata_queries
+from tests.system.merchant_runs import wait_for_run
 from tests.system.stack import AIRFLOW_V3, REPO
 
 from usage_agg.aggregate import aggregate_day
@@ -41,17 +41,8 @@ TRIGGER_COMMAND = (
 
 @pytest.fixture
 def metadata(celery_stack):
-    dsn = celery_stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2", "postgresql")
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-
-    def run(sql: str, params=None) -> list[tuple]:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-
-    yield run
-    conn.close()
+    with metadata_queries(celery_stack) as run:
+        yield run
 
 
 @pytest.fixture
@@ -72,18 +63,6 @@ def seeded_cluster(redis_cluster):
     client.close()
 
 
-def _wait_for_run(metadata, run_id: str, timeout: float = 600) -> str:
-    deadline = time.monotonic() + timeout
-    state = None
-    while time.monotonic() < deadline:
-        found = metadata("SELECT state FROM dag_run WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))
-        state = found[0][0] if found else None
-        if state in ("success", "failed"):
-            return state
-        time.sleep(2)
-    raise AssertionError(f"run {run_id} still {state} after {timeout} s")
-
-
 def _rows(table: str) -> dict:
     conn = pg_connect()
     with conn.cursor() as cur:
@@ -101,7 +80,7 @@ def test_a_fanned_out_run_spreads_over_both_workers_and_writes_what_one_task_wri
     celery_stack.airflow("dags", "unpause", DAG_ID)
     celery_stack.airflow(*shlex.split(TRIGGER_COMMAND)[1:])
     ((run_id,),) = metadata("SELECT run_id FROM dag_run WHERE dag_id = %s AND run_type = 'manual'", (DAG_ID,))
-    state = _wait_for_run(metadata, run_id)
+    state = wait_for_run(metadata, run_id, timeout=600, dag_id=DAG_ID)
     tasks = metadata(
         "SELECT task_id, map_index, state, hostname FROM task_instance WHERE dag_id = %s AND run_id = %s",
         (DAG_ID, run_id),
