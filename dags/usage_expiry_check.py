@@ -5,7 +5,8 @@ Fails (and so alerts) when a day with keys in Redis has never been aggregated
 successfully and its keys expire within a day: usage about to be lost. Reports how
 many days the aggregation lags behind (`usage_agg.unaggregated_lag_days`), and adds
 keys written by other writers than `usage_agg.tracking` to their day's index, so the
-next `usage_aggregation` run reads them.
+next `usage_aggregation` run reads them. When it aggregates a day itself, it updates the
+usage asset like the aggregation tasks do (one event; on Airflow 3 a partition per date).
 
 Its own DAG, apart from `usage_aggregation`: it checks what Redis holds *now*, with
 one scan of the keyspace per run, so backfills of the aggregation never repeat it and
@@ -20,6 +21,7 @@ from airflow.providers.common.compat.sdk import DAG
 
 from usage_agg import dag_config
 from usage_agg.alerts import UsageAlertNotifier
+from usage_agg.assets import usage_asset
 from usage_agg.operators import UsageExpiryCheckOperator
 
 with DAG(
@@ -41,6 +43,7 @@ with DAG(
         doc_md="Scans Redis for counters expiring within a day; aggregates their day if their value is not "
         "stored; fails (and alerts) if some still are not.",
         table=dag_config.usage_table(),
+        outlets=[usage_asset(dag_config.usage_table())],  # an event only when it aggregated a day
         redis_conn_id=dag_config.redis_conn_id(),
         postgres_conn_id=dag_config.postgres_conn_id(),
     )

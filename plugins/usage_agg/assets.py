@@ -8,7 +8,9 @@ with ``PartitionedAssetTimetable`` runs once per changed date and never for a re
 that changed nothing (an event without a partition key wakes no partitioned DAG).
 Airflow 2 has no partitions: a downstream DAG reads the dates from the events' extras.
 
-The producer and the consumers both call :func:`usage_asset`, so they name the same
+The expiry check, when it aggregates days whose counters were about to expire, emits one
+event for all of them (:func:`record_rescue_events`). The producer and the consumers both
+call :func:`usage_asset`, so they name the same
 asset whatever the configuration says.
 """
 
@@ -79,5 +81,39 @@ def record_events(outlets, outlet_events, result: AggregationResult) -> int:
         accessor.extra = event_extra(result)
         if changed(result) and hasattr(accessor, "add_partitions"):  # Airflow 3.2+
             accessor.add_partitions(result.usage_date)
+        recorded += 1
+    return recorded
+
+
+def rescue_extra(results: list[AggregationResult]) -> dict[str, Any]:
+    """The extra of the expiry check's event: the dates it aggregated, and what it did to each."""
+    return {
+        "source": "expiry_check",
+        "usage_dates": sorted(r.usage_date for r in results if changed(r)),
+        "changed": any(changed(r) for r in results),
+        "rescued": [event_extra(r) for r in results],
+    }
+
+
+def record_rescue_events(outlets, outlet_events, results: list[AggregationResult]) -> int:
+    """Put the expiry check's rescues on its asset outlets: one event, and on Airflow 3 one
+    emission per changed date, with that date as its partition key (all share the extra).
+
+    Returns how many outlets were given one; none when no rescue changed a row (the caller
+    then clears its outlets, so that no event without news is emitted).
+    """
+    from airflow.providers.common.compat.assets import Asset
+
+    extra = rescue_extra(results)
+    if not extra["changed"]:
+        return 0
+    recorded = 0
+    for outlet in outlets or ():
+        if not isinstance(outlet, Asset):
+            continue
+        accessor = outlet_events[outlet]
+        accessor.extra = extra
+        if hasattr(accessor, "add_partitions"):  # Airflow 3.2+
+            accessor.add_partitions(extra["usage_dates"])
         recorded += 1
     return recorded

@@ -10,8 +10,8 @@ from airflow.providers.common.compat.sdk import AirflowFailException, AirflowSki
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
 from usage_agg import metrics
-from usage_agg.aggregate import aggregate_day
-from usage_agg.assets import record_events
+from usage_agg.aggregate import AggregationResult, aggregate_day
+from usage_agg.assets import record_events, record_rescue_events
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
 from usage_agg.options import AggregationOptions
@@ -316,7 +316,7 @@ class UsageExpiryCheckOperator(BaseOperator):
         redis_client = RedisHook(redis_conn_id=self.redis_conn_id).get_conn()
         pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
         ti = context["ti"]
-        rescues: list[dict] = []
+        rescues: list[AggregationResult] = []
 
         def rescue(day: dt.date) -> None:
             """Aggregate a day whose expiring counters are not stored, under its lock, as a run would."""
@@ -334,7 +334,7 @@ class UsageExpiryCheckOperator(BaseOperator):
                 from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
 
                 UsageAlertNotifier().send(describe_data_loss(context, result), context)
-            rescues.append(result.to_dict())
+            rescues.append(result)
 
         try:
             report = check_expiry(redis_client, pg_conn, table=self.table, rescue=rescue)
@@ -361,14 +361,17 @@ class UsageExpiryCheckOperator(BaseOperator):
                 f"Usage about to be lost: counters expiring within a day whose value is not in PostgreSQL, "
                 f"even after aggregating their day: {days}. See the log above for why."
             )
-        new_bad = sum(r["new_bad_keys"] for r in rescues)
+        new_bad = sum(r.new_bad_keys for r in rescues)
         if new_bad:
             raise AirflowFailException(
                 f"{new_bad} new bad key(s) found while saving expiring usage of "
-                f"{', '.join(r['usage_date'] for r in rescues if r['new_bad_keys'])}; good keys were committed, "
+                f"{', '.join(r.usage_date for r in rescues if r.new_bad_keys)}; good keys were committed, "
                 "bad ones are in usage_aggregation_errors. Not retrying: bad data is not transient."
             )
-        return {**report.to_dict(), "rescues": rescues}
+        # Airflow emits the outlets' events when the task succeeds: one only when a rescue wrote rows.
+        if not record_rescue_events(self.outlets, context.get("outlet_events"), rescues):
+            self.outlets = []
+        return {**report.to_dict(), "rescues": [r.to_dict() for r in rescues]}
 
 
 def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_offset: int = 0) -> dt.date:

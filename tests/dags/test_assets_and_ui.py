@@ -207,3 +207,86 @@ def test_the_example_downstream_dag_schedules_on_the_usage_asset(usage_env):
         assert dag.timetable.asset_condition.uri == uri
     else:
         assert [found for found, _ in dag.timetable.dataset_condition.iter_datasets()] == [uri]
+
+
+def test_the_example_finds_dates_whose_totals_an_event_never_reached(redis_client, usage_env):
+    """Airflow 2 can drop a dataset event; the example's next run then rolls up what is out of step."""
+    import importlib.util
+    from pathlib import Path
+
+    from tests.conftest import pg_connect
+    from usage_agg.identifiers import TableName
+
+    path = Path(__file__).resolve().parents[2] / "example_dags" / "usage_invoice_totals.py"
+    spec = importlib.util.spec_from_file_location("example_usage_invoice_totals", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    usage = TableName.parse(usage_env)
+    totals = usage.sibling("usage_invoice_totals")
+    schema = usage.schema
+
+    def out_of_step() -> list[str]:
+        conn = pg_connect()
+        try:
+            with conn, conn.cursor() as cur:
+                return example.dates_out_of_step(cur, usage, totals)
+        finally:
+            conn.close()
+
+    def execute(sql: str) -> None:
+        conn = pg_connect()
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
+
+    days = ("2025-11-01", "2025-11-02", "2025-11-03")
+    for day in days:
+        track_usage(redis_client, "acme", "queries", 3, usage_date=day)
+    run_dag("usage_aggregation_merchant", conf={"all_merchants": True, "date": days[0], "end_date": days[-1]})
+    execute(f"CREATE TABLE {totals.quoted} (usage_date date, merchant_id text, metric_type text, quantity bigint)")
+    assert out_of_step() == list(days)  # written, never rolled up
+
+    execute(f"INSERT INTO {totals.quoted} SELECT usage_date, merchant_id, metric_type, quantity FROM {usage.quoted}")
+    assert out_of_step() == []  # every date in step
+
+    track_usage(redis_client, "acme", "queries", 1, usage_date="2025-11-02")
+    run_dag("usage_aggregation_merchant", conf={"merchant_id": "acme", "date": "2025-11-02"})
+    assert out_of_step() == ["2025-11-02"]  # a count grew; its event may never have reached the consumer
+
+    execute(f"INSERT INTO {totals.quoted} VALUES ('2025-11-01', 'ghost', 'queries', 1)")
+    assert out_of_step() == ["2025-11-01", "2025-11-02"]  # a total no usage row backs
+
+    # Only dates written lately are compared: an old write is the past, not a dropped event.
+    execute(
+        f"UPDATE {schema}.usage_aggregation_runs SET finished_at = now() - interval '3 days' WHERE usage_date = '2025-11-01'"
+    )
+    assert out_of_step() == ["2025-11-02"]
+
+
+def test_the_expiry_check_announces_the_days_it_saved_and_nothing_else(redis_client, usage_env):
+    uri = assets.usage_asset_uri(usage_env)
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 2, tz="UTC")) == {
+        "check_expiring_usage": "success"
+    }
+    assert asset_events(uri) == []  # nothing about to expire: no event, no downstream run
+
+    for day in ("2025-10-26", "2025-10-27"):  # never aggregated, expiring within the hour
+        track_usage(redis_client, "acme", "queries", 3, usage_date=day, ttl=dt.timedelta(hours=1))
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC")) == {
+        "check_expiring_usage": "success"
+    }
+    events = asset_events(uri)
+    assert {e["extra"]["source"] for e in events} == {"expiry_check"}
+    assert all(e["extra"]["usage_dates"] == ["2025-10-26", "2025-10-27"] for e in events)
+    assert [r["rows_written"] for r in events[0]["extra"]["rescued"]] == [1, 1]
+    if AIRFLOW_V3:  # one emission per saved date, keyed by it: a partitioned consumer runs once for each
+        assert sorted(e["partition_key"] for e in events) == ["2025-10-26", "2025-10-27"]
+    else:
+        assert len(events) == 1
+
+    assert run_dag("usage_expiry_check", logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC")) == {
+        "check_expiring_usage": "success"
+    }
+    assert len(asset_events(uri)) == len(events)  # both days stored now: nothing new to announce
