@@ -9,6 +9,7 @@ the run, which Airflow retries.
 from __future__ import annotations
 
 LOCK_NOT_AVAILABLE = "55P03"
+UNIQUE_VIOLATION = "23505"
 #: SQLSTATE classes a single row can cause: data exceptions, integrity constraint
 #: violations, program limits (an index entry over a third of a page).
 ROW_ERROR_CLASSES = ("22", "23", "54")
@@ -26,6 +27,11 @@ def is_row_error(err: BaseException) -> bool:
     """Whether ``err`` is PostgreSQL refusing some row's data (not the connection, not a lock)."""
     code = sqlstate(err)
     return code is not None and code[:2] in ROW_ERROR_CLASSES
+
+
+def is_unique_violation(err: BaseException) -> bool:
+    """A row already there: for a plain INSERT, a reason to merge instead, not bad data."""
+    return sqlstate(err) == UNIQUE_VIOLATION
 
 
 def is_lock_timeout(err: BaseException) -> bool:

@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from usage_agg import audit, dead_letters
-from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, note_server_said
+from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, is_unique_violation, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
-from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, insert_merge
+from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, insert_merge, plain_insert
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
 from usage_agg.servers import RedisIncarnation
 from usage_agg.source import BadKey, Counter
@@ -153,6 +153,8 @@ class _Stage:
         #: (merchant_id, metric_type) as UTF-8 bytes, staged since the last merge
         self.keys: set[tuple[bytes, bytes]] = set()
         self.was_empty = False
+        #: a day without rows goes in by plain INSERT until one meets a row already there
+        self.plain_inserts = True
 
     def create(self, cur) -> None:
         cur.execute(f"CREATE TEMPORARY TABLE {self.table} ({self.shape.stage_columns}) ON COMMIT DROP")
@@ -221,8 +223,8 @@ class _Stage:
             with self.writer._bounded_wait(
                 "a row lock on", "held by another connection (an open transaction on the table)"
             ):
-                cur.execute(statement, params)
-            result.add(self._result(cur.fetchone()))
+                inserted = self._inserted(cur, params)
+                result.add(inserted if inserted is not None else self._merged(cur, statement, params))
             dead_letters.resolve_fixed(
                 cur, self.writer.names.errors.quoted, self.writer.usage_date, self.table, self.shape is HOURLY
             )
@@ -241,6 +243,28 @@ class _Stage:
         self.keys.clear()
         self.staged = 0
         return result
+
+    def _inserted(self, cur, params: dict) -> MergeResult | None:
+        """A day that had no rows: try a plain INSERT (:func:`plain_insert`). ``None`` when
+        some row was there after all (or the day had rows): the caller merges instead."""
+        if not (self.was_empty and self.plain_inserts):
+            return None
+        cur.execute("SAVEPOINT usage_agg_insert")
+        try:
+            cur.execute(plain_insert(self.target, self.table, self.shape), params)
+        except Exception as err:
+            if not is_unique_violation(err):
+                raise
+            cur.execute("ROLLBACK TO SAVEPOINT usage_agg_insert")
+            self.plain_inserts = False  # rows turn up after all: merge the rest of the day
+            return None
+        written = cur.rowcount
+        cur.execute("RELEASE SAVEPOINT usage_agg_insert")
+        return MergeResult(written, 0, 0, 0, [])
+
+    def _merged(self, cur, statement: str, params: dict) -> MergeResult:
+        cur.execute(statement, params)
+        return self._result(cur.fetchone())
 
     def _result(self, row) -> MergeResult:
         written, unchanged, drops, resets, samples, overflowing = row
