@@ -75,6 +75,9 @@ class AggregationResult:
     #: keys matched by SCAN that expired or were deleted before they were read
     vanished_keys: int = 0
     allow_decrease: bool = False
+    #: an earlier run committed rows of this date and its task failed, so no asset event
+    #: announced them: this run's event does (``assets.changed``)
+    unannounced_writes: bool = False
     #: how the keys were found: "index" (the day's index set) or "scan"
     discovery: str = "scan"
     #: the Redis primary read, when the day is fanned out over a cluster's primaries
@@ -250,6 +253,7 @@ def _aggregate_in_one_transaction(
         if writer.staged or result.keys_found == 0:
             merged(writer.merge())
         check_unchanged(redis_client, servers, options.partition)
+        result.unannounced_writes = writer.earlier_writes_unannounced()
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
 
 

@@ -9,13 +9,15 @@ that changed nothing (an event without a partition key wakes no partitioned DAG)
 Airflow 2 has no partitions: a downstream DAG reads the dates from the events' extras.
 
 The expiry check, when it aggregates days whose counters were about to expire, emits one
-event for all of them (:func:`record_rescue_events`). The producer and the consumers both
+event for all of them (:func:`record_rescue_events`), together with any dates whose writes
+no event announced (a task that committed rows and then failed emits nothing). The producer and the consumers both
 call :func:`usage_asset`, so they name the same
 asset whatever the configuration says.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from usage_agg import config
@@ -62,8 +64,9 @@ def event_extra(result: AggregationResult) -> dict[str, Any]:
 
 
 def changed(result: AggregationResult) -> bool:
-    """Whether the date's stored usage changed (a rerun that rewrote nothing did not)."""
-    return bool(result.rows_written or result.hourly_rows_written)
+    """Whether the date's stored usage changed since its last event: this run wrote rows, or
+    an earlier run committed some and its task failed, so no event announced them."""
+    return bool(result.rows_written or result.hourly_rows_written or result.unannounced_writes)
 
 
 def record_events(outlets, outlet_events, result: AggregationResult) -> int:
@@ -85,26 +88,31 @@ def record_events(outlets, outlet_events, result: AggregationResult) -> int:
     return recorded
 
 
-def rescue_extra(results: list[AggregationResult]) -> dict[str, Any]:
-    """The extra of the expiry check's event: the dates it aggregated, and what it did to each."""
+def rescue_extra(results: list[AggregationResult], late_dates: Sequence[str] = ()) -> dict[str, Any]:
+    """The extra of the expiry check's event: the dates it aggregated (what it did to each),
+    and ``late_dates``: dates whose writes no event announced (their task failed after commit)."""
+    dates = {r.usage_date for r in results if changed(r)} | set(late_dates)
     return {
         "source": "expiry_check",
-        "usage_dates": sorted(r.usage_date for r in results if changed(r)),
-        "changed": any(changed(r) for r in results),
+        "usage_dates": sorted(dates),
+        "changed": bool(dates),
         "rescued": [event_extra(r) for r in results],
+        "announced_late": sorted(late_dates),
     }
 
 
-def record_rescue_events(outlets, outlet_events, results: list[AggregationResult]) -> int:
-    """Put the expiry check's rescues on its asset outlets: one event, and on Airflow 3 one
-    emission per changed date, with that date as its partition key (all share the extra).
+def record_rescue_events(
+    outlets, outlet_events, results: list[AggregationResult], late_dates: Sequence[str] = ()
+) -> int:
+    """Put the expiry check's news on its asset outlets: one event, and on Airflow 3 one
+    emission per date, with that date as its partition key (all share the extra).
 
-    Returns how many outlets were given one; none when no rescue changed a row (the caller
-    then clears its outlets, so that no event without news is emitted).
+    Returns how many outlets were given one; none when there is no news (the caller then
+    clears its outlets, so that no event without news is emitted).
     """
     from airflow.providers.common.compat.assets import Asset
 
-    extra = rescue_extra(results)
+    extra = rescue_extra(results, late_dates)
     if not extra["changed"]:
         return 0
     recorded = 0

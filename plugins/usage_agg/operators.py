@@ -12,9 +12,11 @@ from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 from usage_agg import metrics
 from usage_agg.aggregate import AggregationResult, aggregate_day
 from usage_agg.assets import record_events, record_rescue_events
+from usage_agg.audit import mark_announced, mark_not_announced, unannounced_dates
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
 from usage_agg.options import AggregationOptions
+from usage_agg.schema import resolve_names, schema_is_current
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT
 
@@ -336,8 +338,21 @@ class UsageExpiryCheckOperator(BaseOperator):
                 UsageAlertNotifier().send(describe_data_loss(context, result), context)
             rescues.append(result)
 
+        late: list = []
         try:
             report = check_expiry(redis_client, pg_conn, table=self.table, rescue=rescue)
+            names = resolve_names(pg_conn, self.table)
+            if rescues and (report.at_risk or any(r.new_bad_keys for r in rescues)):
+                # this task fails below, so Airflow announces none of the days it saved: the
+                # audit says so, and the date's next run (or the next check) announces them
+                audit_row = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)}
+                mark_not_announced(pg_conn, names.runs.quoted, audit_row, [r.usage_date for r in rescues])
+            elif not report.at_risk and schema_is_current(pg_conn, names):
+                # writes of any date that no event announced (their task failed after its commit)
+                with pg_conn.cursor() as cur:
+                    late = unannounced_dates(cur, names.runs.quoted, names.audit_names)
+                if late:
+                    mark_announced(pg_conn, names.runs.quoted, names.audit_names, late, f"{ti.dag_id}/{ti.run_id}")
         finally:
             pg_conn.close()
         metrics.emit_lag(report.lag_days, len(report.at_risk), table=self.table)
@@ -368,8 +383,11 @@ class UsageExpiryCheckOperator(BaseOperator):
                 f"{', '.join(r.usage_date for r in rescues if r.new_bad_keys)}; good keys were committed, "
                 "bad ones are in usage_aggregation_errors. Not retrying: bad data is not transient."
             )
-        # Airflow emits the outlets' events when the task succeeds: one only when a rescue wrote rows.
-        if not record_rescue_events(self.outlets, context.get("outlet_events"), rescues):
+        # Airflow emits the outlets' events when the task succeeds: one only when there is news.
+        late_dates = [day.isoformat() for day in late]
+        if late_dates:
+            self.log.info("Announcing writes no event announced yet (their task failed after commit): %s", late_dates)
+        if not record_rescue_events(self.outlets, context.get("outlet_events"), rescues, late_dates):
             self.outlets = []
         return {**report.to_dict(), "rescues": [r.to_dict() for r in rescues]}
 

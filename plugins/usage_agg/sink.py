@@ -480,6 +480,10 @@ class DayWriter:
         """Upsert dead letters; return how many are new (see :mod:`usage_agg.dead_letters`)."""
         return dead_letters.record(self._cur, self.names.errors.quoted, self.usage_date, bad_keys)
 
+    def earlier_writes_unannounced(self) -> bool:
+        """Whether an earlier run committed rows of this date that no asset event announced."""
+        return bool(audit.unannounced_dates(self._cur, self.names.runs.quoted, self.names.audit_names, self.usage_date))
+
     def record_run(self, audit_row: dict) -> None:
         """Write the audit row for this date, inside the same transaction as the data."""
         audit.insert_run(self._cur, self.names.runs.quoted, audit_row)

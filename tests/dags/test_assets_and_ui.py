@@ -290,3 +290,48 @@ def test_the_expiry_check_announces_the_days_it_saved_and_nothing_else(redis_cli
         "check_expiring_usage": "success"
     }
     assert len(asset_events(uri)) == len(events)  # both days stored now: nothing new to announce
+
+
+def test_rows_a_failed_task_committed_are_announced_by_the_dates_next_run(redis_client, usage_env):
+    """A run that meets a new bad key commits the good keys and fails: Airflow emits no event.
+    The date's next run announces them as changed, though it writes nothing itself."""
+    uri = assets.usage_asset_uri(usage_env)
+    redis_client.incrby("usage:acme:2025-11-02:queries", 5)  # plain writers: the day is read by SCAN
+    redis_client.set("usage:broken:2025-11-02:queries", "NaN")
+    states = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 5, tz="UTC"))
+    assert states["aggregate_current_day"] == "failed"
+    assert [e for e in asset_events(uri) if e["extra"]["usage_date"] == "2025-11-02"] == []
+
+    run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 6, tz="UTC"))  # the bad key is known now
+    (late,) = [e for e in asset_events(uri) if e["extra"]["usage_date"] == "2025-11-02"]
+    assert late["extra"]["rows_written"] == 0 and late["extra"]["changed"]
+    if AIRFLOW_V3:
+        assert late["partition_key"] == "2025-11-02"
+
+    run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 7, tz="UTC"))  # announced: no news now
+    latest = [e for e in asset_events(uri) if e["extra"]["usage_date"] == "2025-11-02"][-1]
+    assert not latest["extra"]["changed"] and latest["partition_key"] is None
+
+
+def test_days_a_failed_expiry_check_saved_are_announced_by_the_next_check(redis_client, usage_env, query):
+    """The check saves two days, then fails on a new bad key: Airflow announces neither. No
+    aggregation reads those days again (they are about to expire); the next check announces them."""
+    uri = assets.usage_asset_uri(usage_env)
+    for day in ("2025-10-26", "2025-10-27"):
+        track_usage(redis_client, "acme", "queries", 3, usage_date=day, ttl=dt.timedelta(hours=1))
+    redis_client.set("usage:broken:2025-10-27:queries", "not-a-number", ex=3600)
+    checks = [pendulum.datetime(2025, 11, 2, hour, tz="UTC") for hour in (3, 4, 5)]
+    assert run_dag("usage_expiry_check", logical_date=checks[0]) == {"check_expiring_usage": "failed"}
+    assert query(f"SELECT usage_date::text, quantity FROM {usage_env} ORDER BY 1") == [
+        ("2025-10-26", 3), ("2025-10-27", 3),
+    ]  # fmt: skip
+    assert asset_events(uri) == []
+
+    assert run_dag("usage_expiry_check", logical_date=checks[1]) == {"check_expiring_usage": "success"}
+    events = asset_events(uri)
+    assert all(e["extra"]["announced_late"] == ["2025-10-26", "2025-10-27"] for e in events) and events
+    if AIRFLOW_V3:
+        assert sorted(e["partition_key"] for e in events) == ["2025-10-26", "2025-10-27"]
+
+    assert run_dag("usage_expiry_check", logical_date=checks[2]) == {"check_expiring_usage": "success"}
+    assert len(asset_events(uri)) == len(events)  # announced once

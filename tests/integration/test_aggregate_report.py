@@ -53,7 +53,8 @@ def test_a_day_with_a_bad_key_and_a_reset(redis_client, pg_conn, table, pg_schem
     assert result == {
         "usage_date": DAY, "merchant_id": None, "table": table, "keys_found": 3, "rows_written": 1,
         "rows_unchanged": 1, "decreases_refused": 1, "resets": 1, "bad_keys": 1, "new_bad_keys": 1,
-        "vanished_keys": 0, "allow_decrease": False, "discovery": "index", "redis_partition": None,
+        "vanished_keys": 0, "allow_decrease": False, "unannounced_writes": False, "discovery": "index",
+        "redis_partition": None,
         "bad_key_samples": [{"key": "usage:broken:2025-11-01:q", "reason": "value is not a non-negative integer",
                              "value": "oops"}],
         "reset_samples": [reset],
