@@ -39,8 +39,9 @@ test: services browser $(addprefix test-,$(ENVIRONMENTS))
 PYTEST_ARGS_2.11 := --ignore=tests/integration
 PYTEST_ARGS_lowest := tests/unit tests/dags
 
+# --durations: the slowest tests in CI's log, where the suite's time budget is watched.
 $(addprefix test-,$(ENVIRONMENTS)): test-%: .venv-airflow-%/installed
-	tools/airflow-env.sh $* $(call venv,$*)/bin/python -m pytest $(PYTEST_ARGS_$*) $(PYTEST_ARGS)
+	tools/airflow-env.sh $* $(call venv,$*)/bin/python -m pytest --durations=25 $(PYTEST_ARGS_$*) $(PYTEST_ARGS)
 
 # Seed a few days of usage, run the hourly DAG with the Airflow CLI, print the rows.
 demo: services $(call venv,$(DEMO_AIRFLOW))/installed

@@ -143,8 +143,7 @@ def metadata_queries(stack):
     """A function running a query on ``stack``'s Airflow metadata database, for the ``with`` block."""
     import psycopg2
 
-    dsn = stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].replace("postgresql+psycopg2", "postgresql")
-    conn = psycopg2.connect(dsn)
+    conn = psycopg2.connect(stack.metadata_dsn)
     conn.autocommit = True
 
     def run(sql: str, params=None) -> list[tuple]:

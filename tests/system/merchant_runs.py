@@ -15,8 +15,7 @@ MERCHANT = "acme_electronics_2024"
 
 def seed_two_merchants(stack, usage_redis, usage_table, query):
     """Redis ahead of PostgreSQL for two merchants; only the triggered one may move."""
-    stack.wait_for_dag(DAG_ID)
-    stack.airflow("dags", "unpause", DAG_ID)
+    stack.unpause(DAG_ID)
     conn = pg_connect()
     ensure_schema(conn, usage_table)
     conn.commit()

@@ -42,8 +42,7 @@ def test_a_failed_rerun_alerts_the_connections_webhook_and_its_task_log_keeps_no
     stack, usage_redis, usage_table, metadata, webhook, alert_settings
 ):
     url, received = webhook
-    stack.wait_for_dag(DAG_ID)
-    stack.airflow("dags", "unpause", DAG_ID)
+    stack.unpause(DAG_ID)
     stack.airflow(*shlex.split(CONNECTION_COMMAND.replace(README_URL, url))[1:])
     stack.airflow("variables", "set", "USAGE_AGG_ALERT_WEBHOOK", SCHEMELESS_URL)  # a URL that cannot be posted to
     usage_redis.set("usage:acme:2025-11-01:queries", "NaN")  # a new bad key fails the task, without retries

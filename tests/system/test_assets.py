@@ -67,10 +67,8 @@ def settle(metadata, until, timeout: float = 180, quiet: float = 15) -> list[tup
 
 
 def test_the_invoice_dag_runs_for_exactly_the_dates_that_changed(stack, usage_redis, usage_table, metadata, query):
-    stack.wait_for_dag(INVOICES)
-    stack.wait_for_dag(DAG_ID)
     for dag_id in (INVOICES, DAG_ID):
-        stack.airflow("dags", "unpause", dag_id)
+        stack.unpause(dag_id)
     for day in DATES:
         track_usage(usage_redis, "acme", "queries", 10, usage_date=day)
         track_usage(usage_redis, "globex", "queries", 20, usage_date=day)

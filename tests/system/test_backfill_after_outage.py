@@ -73,8 +73,7 @@ def test_a_backfill_over_failed_succeeded_and_missing_runs_fills_every_day(
     for key in BAD_KEYS:
         usage_redis.set(key, "NaN")
 
-    stack.wait_for_dag(DAG)
-    stack.airflow("dags", "unpause", DAG)  # the scheduler runs triggered runs (and 3.3's backfills) of unpaused DAGs
+    stack.unpause(DAG)  # the scheduler runs triggered runs (and 3.3's backfills) of unpaused DAGs
     for when in EARLIER_RUNS:  # the outage: runs one at a time, as the schedule made them
         date_flag = ("--logical-date", when) if AIRFLOW_V3 else ("--exec-date", when)
         stack.airflow("dags", "trigger", DAG, *date_flag)
@@ -84,7 +83,7 @@ def test_a_backfill_over_failed_succeeded_and_missing_runs_fills_every_day(
     for key, value in BAD_KEYS.items():  # the data is mended
         usage_redis.set(key, value)
         expected[("broken", key.split(":")[2], "queries")] = value
-    done = stack.airflow(*COMMAND.split()[1:], timeout=1800)
+    done = stack.backfill(*COMMAND.split()[1:])
     hours = (LAST - FIRST).days * 24 + 1
     final = wait_for(
         metadata,

@@ -76,23 +76,25 @@ def test_a_fanned_out_run_spreads_over_both_workers_and_writes_what_one_task_wri
     celery_stack, seeded_cluster, metadata
 ):
     cluster, expected = seeded_cluster
-    celery_stack.wait_for_dag(DAG_ID)
-    celery_stack.airflow("dags", "unpause", DAG_ID)
+    celery_stack.unpause(DAG_ID)
     celery_stack.airflow(*shlex.split(TRIGGER_COMMAND)[1:])
     ((run_id,),) = metadata("SELECT run_id FROM dag_run WHERE dag_id = %s AND run_type = 'manual'", (DAG_ID,))
     state = wait_for_run(metadata, run_id, timeout=600, dag_id=DAG_ID)
     tasks = metadata(
-        "SELECT task_id, map_index, state, hostname FROM task_instance WHERE dag_id = %s AND run_id = %s",
+        "SELECT task_id, map_index, state, hostname, queue FROM task_instance WHERE dag_id = %s AND run_id = %s",
         (DAG_ID, run_id),
     )
     assert state == "success", tasks
 
-    # Every part of both days ran, and the two workers shared them.
-    mapped = [(task, index, host) for task, index, _, host in tasks if index >= 0]
+    # Every part of both days ran, each on the worker its queue names (the stack's routing,
+    # see CeleryStack), so the two workers shared them.
+    mapped = [(task, index, host) for task, index, _, host, _ in tasks if index >= 0]
     assert sorted((task, index) for task, index, _ in mapped) == [
         (f"aggregate_{day}_day", i) for day in ("current", "previous") for i in range(3)
     ], tasks
-    assert {state for _, _, state, _ in tasks} == {"success"}, tasks
+    assert {state for _, _, state, _, _ in tasks} == {"success"}, tasks
+    worker_of_queue = {queue: celery_stack.workers[name] for name, queue in celery_stack.part_queues.items()}
+    assert all(host == worker_of_queue.get(queue) for _, index, _, host, queue in tasks if index >= 0), tasks
     assert {host for _, _, host in mapped} == set(celery_stack.workers.values()), tasks
     print("parts per worker:", {host: sum(h == host for *_, h in mapped) for host in celery_stack.workers.values()})
 
