@@ -9,6 +9,7 @@ the run, which Airflow retries.
 from __future__ import annotations
 
 LOCK_NOT_AVAILABLE = "55P03"
+QUERY_CANCELED = "57014"
 UNIQUE_VIOLATION = "23505"
 #: SQLSTATE classes a single row can cause: data exceptions, integrity constraint
 #: violations, program limits (an index entry over a third of a page).
@@ -39,7 +40,9 @@ def is_lock_timeout(err: BaseException) -> bool:
 
 
 def describe(err: BaseException, conn=None) -> str:
-    """One line: the server's own message, and for a lost connection its cause.
+    """One line: the server's own message; for a lost connection its cause, and for a
+    statement timeout where the limit comes from and how to lift it (recognised by the
+    server's English message: a server with translated ``lc_messages`` gets the short form).
 
     A session the server ended leaves its last words (``FATAL: terminating connection
     due to administrator command``) in the connection's error message, which both
@@ -48,6 +51,8 @@ def describe(err: BaseException, conn=None) -> str:
     """
     message = " ".join(str(err).split()) or type(err).__name__
     code = sqlstate(err)
+    if code == QUERY_CANCELED and "statement timeout" in message:
+        return f"{message} (SQLSTATE {code}): {STATEMENT_TIMEOUT_HINT}"
     if code:
         return f"{message} (SQLSTATE {code})"
     if "closed the connection" in message or "connection is lost" in message or "connection already closed" in message:
@@ -66,6 +71,14 @@ def describe(err: BaseException, conn=None) -> str:
 
 
 SERVER_SAID = "the server said: "
+#: A retry meets the same limit again, so the error says where it comes from and how to lift it.
+STATEMENT_TIMEOUT_HINT = (
+    "the statement_timeout in force for this session (set for its role, its database, the server "
+    "or the connection) ended it, and every retry meets it again (a day's once-a-day comparison "
+    "is one statement over all its rows); raise it for this role (ALTER ROLE ... SET "
+    "statement_timeout), or in the Airflow connection's extra: "
+    '{"options": "-c statement_timeout=0"}'
+)
 
 
 def note_server_said(err: BaseException, conn) -> None:

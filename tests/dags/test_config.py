@@ -109,3 +109,27 @@ def test_the_alert_connection_id_comes_from_the_section(clean_settings, webhook)
     clean_settings.setenv("AIRFLOW_CONN_PAGER_FROM_SECTION", alert_connection(url))
     UsageAlertNotifier().notify({"task_instance": FakeTI(), "reason": "task_failure"})
     assert [alert["task_id"] for alert in received] == ["aggregate_current_day"]
+
+
+def test_the_statement_timeout_extra_the_error_names_reaches_the_server_through_the_hook(monkeypatch):
+    """The extra that ``db_errors.STATEMENT_TIMEOUT_HINT`` tells users to set is one Airflow's
+    Postgres hook passes to libpq, on either Airflow (the hint would mislead if it were dropped)."""
+    import json
+    import re
+
+    from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+    from tests.conftest import PG_DATABASE, PG_HOST, PG_PORT, PG_USER
+    from usage_agg.db_errors import STATEMENT_TIMEOUT_HINT
+
+    (extra,) = re.findall(r"\{.*\}", STATEMENT_TIMEOUT_HINT)
+    connection = {"conn_type": "postgres", "host": PG_HOST, "port": PG_PORT, "login": PG_USER, "schema": PG_DATABASE}
+    monkeypatch.setenv("AIRFLOW_CONN_LIFTED_TIMEOUT", json.dumps({**connection, "extra": json.loads(extra)}))
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=5s")  # a default that the extra must win over
+    conn = PostgresHook(postgres_conn_id="lifted_timeout").get_conn()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW statement_timeout")
+            assert cur.fetchone()[0] == "0"
+    finally:
+        conn.close()

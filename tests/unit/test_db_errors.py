@@ -68,3 +68,14 @@ def test_a_lost_connection_with_a_sqlstate_keeps_the_short_form():
     assert describe(Psycopg3Error("server closed the connection unexpectedly", "57P01")) == (
         "server closed the connection unexpectedly (SQLSTATE 57P01)"
     )
+
+
+def test_a_statement_timeout_says_where_the_limit_comes_from_and_how_to_lift_it():
+    from usage_agg.db_errors import STATEMENT_TIMEOUT_HINT
+
+    timed_out = Psycopg2Error("canceling statement due to statement timeout\n", "57014")
+    assert describe(timed_out) == f"canceling statement due to statement timeout (SQLSTATE 57014): {STATEMENT_TIMEOUT_HINT}"
+    assert '"options": "-c statement_timeout=0"' in STATEMENT_TIMEOUT_HINT
+    # A cancel by hand (pg_cancel_backend) shares the SQLSTATE and keeps the short form.
+    cancelled = Psycopg3Error("canceling statement due to user request", "57014")
+    assert describe(cancelled) == "canceling statement due to user request (SQLSTATE 57014)"
