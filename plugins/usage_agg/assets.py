@@ -10,9 +10,9 @@ Airflow 2 has no partitions: a downstream DAG reads the dates from the events' e
 
 The expiry check, when it aggregates days whose counters were about to expire, emits one
 event for all of them (:func:`record_rescue_events`), together with any dates whose writes
-no event announced (a task that committed rows and then failed emits nothing). The producer and the consumers both
-call :func:`usage_asset`, so they name the same
-asset whatever the configuration says.
+no event announced (a task that committed rows and then failed emits nothing). The
+producer and the consumers both call :func:`usage_asset`, so they name the same asset
+whatever the configuration says.
 """
 
 from __future__ import annotations
@@ -74,18 +74,7 @@ def record_events(outlets, outlet_events, result: AggregationResult) -> int:
 
     Airflow emits the events when the task succeeds. Returns how many outlets were given one.
     """
-    from airflow.providers.common.compat.assets import Asset
-
-    recorded = 0
-    for outlet in outlets or ():
-        if not isinstance(outlet, Asset):
-            continue
-        accessor = outlet_events[outlet]
-        accessor.extra = event_extra(result)
-        if changed(result) and hasattr(accessor, "add_partitions"):  # Airflow 3.2+
-            accessor.add_partitions(result.usage_date)
-        recorded += 1
-    return recorded
+    return _put_on_outlets(outlets, outlet_events, event_extra(result), [result.usage_date] if changed(result) else [])
 
 
 def rescue_extra(results: list[AggregationResult], late_dates: Sequence[str] = ()) -> dict[str, Any]:
@@ -110,18 +99,23 @@ def record_rescue_events(
     Returns how many outlets were given one; none when there is no news (the caller then
     clears its outlets, so that no event without news is emitted).
     """
-    from airflow.providers.common.compat.assets import Asset
-
     extra = rescue_extra(results, late_dates)
     if not extra["changed"]:
         return 0
+    return _put_on_outlets(outlets, outlet_events, extra, extra["usage_dates"])
+
+
+def _put_on_outlets(outlets, outlet_events, extra: dict[str, Any], partition_keys: Sequence[str]) -> int:
+    """Give each asset outlet the event's extra and, on Airflow 3.2+, one emission per partition key."""
+    from airflow.providers.common.compat.assets import Asset
+
     recorded = 0
     for outlet in outlets or ():
         if not isinstance(outlet, Asset):
             continue
         accessor = outlet_events[outlet]
         accessor.extra = extra
-        if hasattr(accessor, "add_partitions"):  # Airflow 3.2+
-            accessor.add_partitions(extra["usage_dates"])
+        if partition_keys and hasattr(accessor, "add_partitions"):  # Airflow 3.2+
+            accessor.add_partitions(list(partition_keys))
         recorded += 1
     return recorded

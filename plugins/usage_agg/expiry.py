@@ -62,6 +62,8 @@ class DayInRedis:
 class ExpiryReport:
     days: list[DayInRedis]
     today: dt.date
+    #: the usage schema's tables, as resolved for the check (the caller's follow-ups use them)
+    names: SchemaNames
 
     @property
     def at_risk(self) -> list[DayInRedis]:
@@ -256,7 +258,7 @@ def check_expiry(
             stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
             _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
     _note_aggregated(pg_conn, names, days)
-    return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today)
+    return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today, names)
 
 
 def _note_aggregated(pg_conn, names: SchemaNames, days: dict[dt.date, DayInRedis]) -> None:

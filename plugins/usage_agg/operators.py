@@ -16,7 +16,7 @@ from usage_agg.audit import mark_announced, mark_not_announced, unannounced_date
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
 from usage_agg.options import AggregationOptions
-from usage_agg.schema import resolve_names, schema_is_current
+from usage_agg.schema import schema_is_current
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT
 
@@ -341,7 +341,7 @@ class UsageExpiryCheckOperator(BaseOperator):
         late: list = []
         try:
             report = check_expiry(redis_client, pg_conn, table=self.table, rescue=rescue)
-            names = resolve_names(pg_conn, self.table)
+            names = report.names
             if rescues and (report.at_risk or any(r.new_bad_keys for r in rescues)):
                 # this task fails below, so Airflow announces none of the days it saved: the
                 # audit says so, and the date's next run (or the next check) announces them
