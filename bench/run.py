@@ -233,8 +233,9 @@ def updated_tuples(conn, table: str) -> int:
 # -- where the time goes -----------------------------------------------------------------------
 
 
-def breakdown(client, conn, table: str, day: dt.date = TARGET) -> dict[str, float]:
-    """One aggregation of ``day``, timed by phase (the reader thread's time measured in it)."""
+def breakdown(client, conn, table: str, day: dt.date = TARGET, *, first: bool = True) -> dict[str, float]:
+    """One aggregation of ``day``, timed by phase (the reader thread's time measured in it):
+    its first (the table emptied before), or a rerun of the unchanged day (``first=False``)."""
     import usage_agg.aggregate as aggregate_module
     import usage_agg.sink as sink_module
     import usage_agg.source as source_module
@@ -282,7 +283,8 @@ def breakdown(client, conn, table: str, day: dt.date = TARGET) -> dict[str, floa
 
     aggregate_module.prefetched = waited
     try:
-        truncate(conn, table)
+        if first:
+            truncate(conn, table)
         total = timed(lambda: aggregate_day(client, conn, day, table=table))
     finally:
         aggregate_module.prefetched = original_prefetched
@@ -302,7 +304,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=200_000, help="keys per day (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=5, help="measurement rounds (default %(default)s)")
-    parser.add_argument("--naive-repeat", type=int, default=1, help="runs of the slow naive baseline")
+    parser.add_argument("--naive-repeat", type=int, default=1,
+                        help="runs of the slow naive baseline (0: none, and no ratio to it)")  # fmt: skip
     parser.add_argument("--memory-keys", type=int, default=200_000, help="the smaller memory day (default %(default)s)")
     parser.add_argument("--skip-memory", action="store_true", help="no memory measurement (no 10x days seeded)")
     parser.add_argument("--breakdown", action="store_true", help="also time one aggregation's phases")
@@ -356,20 +359,21 @@ def main() -> None:
         rewritten_rows = cur.fetchone()[0]
     conn.commit()
 
-    naive_table = fresh_table(conn, "naive")
-    aggregate_day(client, conn, DAYS[0], table=naive_table)  # only to create the table
     naive = []
+    if args.naive_repeat:
+        naive_table = fresh_table(conn, "naive")
+        aggregate_day(client, conn, DAYS[0], table=naive_table)  # only to create the table
     for _ in range(args.naive_repeat):
         truncate(conn, naive_table)
         naive.append(timed(lambda: naive_run(client, conn, naive_table)))
-    naive_seconds = statistics.median(naive)
+    naive_seconds = statistics.median(naive) if naive else None
 
     per_round = list(zip(*(samples[k] for k in (
         "package", "package_scan", "raw_read_index", "raw_read_scan", "raw_write", "second_run", "daily_only",
         "daily_and_hourly", "discover_index", "discover_scan",
     ))))  # fmt: skip
     ratios = {
-        "package_vs_naive": spread([naive_seconds / p for p, *_ in per_round]),
+        **({"package_vs_naive": spread([naive_seconds / p for p, *_ in per_round])} if naive_seconds else {}),
         "package_vs_raw_read_plus_write": spread([p / (ri + w) for p, _, ri, _, w, *_ in per_round]),
         "scan_vs_raw_scan_plus_write": spread([ps / (rs + w) for _, ps, _, rs, w, *_ in per_round]),
         "second_run_vs_first": spread([s / p for p, _, _, _, _, s, *_ in per_round]),
@@ -396,6 +400,7 @@ def main() -> None:
                              "growth_mib": round((second - first) / 1024, 1)}  # fmt: skip
 
     phases = breakdown(client, conn, table) if args.breakdown else {}
+    rerun_phases = breakdown(client, conn, table, first=False) if args.breakdown else {}
     hourly_phases = breakdown(client, conn, hourly_table, HOURLY_DAY) if args.breakdown else {}
     redis_version = client.info()["redis_version"]
     client.flushdb()
@@ -406,12 +411,14 @@ def main() -> None:
     report = {
         "keys_per_day": n, "days_held": len(DAYS), "rounds": rounds, "machine": machine,
         "date": dt.date.today().isoformat(),
-        "seconds": {**{k: round(v, 3) for k, v in medians.items()}, "naive": round(naive_seconds, 3)},
+        "seconds": {**{k: round(v, 3) for k, v in medians.items()},
+                    **({"naive": round(naive_seconds, 3)} if naive_seconds else {})},
         "ratios": {name: {k: round(v, 2) for k, v in values.items()} for name, values in ratios.items()},
         "second_run_updated_tuples": updates_after - updates_before,
         "second_run_rewritten_rows": int(rewritten_rows),
         "peak_memory_mib": memory,
         "breakdown_seconds": {k: round(v, 3) for k, v in phases.items()},
+        "rerun_breakdown_seconds": {k: round(v, 3) for k, v in rerun_phases.items()},
         "hourly_breakdown_seconds": {k: round(v, 3) for k, v in hourly_phases.items()},
     }  # fmt: skip
 
@@ -421,7 +428,7 @@ def main() -> None:
     print(f"\nusage-agg benchmark: {n:,} keys/day, {len(DAYS)} days held, {rounds} rounds, medians ({machine})")
     print(f"  package aggregation (index)   {rate(medians['package'])}")
     print(f"  package aggregation (SCAN)    {rate(medians['package_scan'])}")
-    print(f"  naive job                     {rate(naive_seconds)}")
+    print(f"  naive job                     {rate(naive_seconds) if naive_seconds else 'not run (--naive-repeat 0)'}")
     print(f"  raw read (index / SCAN)       {medians['raw_read_index']:.2f} s / {medians['raw_read_scan']:.2f} s")
     print(f"  raw write (COPY + merge)      {rate(medians['raw_write'])}")
     print(f"  second run, unchanged day     {rate(medians['second_run'])}")
@@ -433,7 +440,7 @@ def main() -> None:
           f"{report['second_run_rewritten_rows']} rows rewritten")  # fmt: skip
     for label, values in memory.items():
         print(f"  peak memory, {label}: {values}")
-    for label, timings in (("daily", phases), ("with hours", hourly_phases)):
+    for label, timings in (("daily", phases), ("daily rerun", rerun_phases), ("with hours", hourly_phases)):
         for phase, seconds in sorted(timings.items(), key=lambda item: -item[1]):
             print(f"  breakdown, {label}: {phase:<58}{seconds:7.3f} s")
     if args.json:

@@ -42,7 +42,8 @@ BAD_KEY_LOG_LIMIT = 100
 HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
 #: Resets returned (and logged) by name; all are counted.
 SAMPLE_LIMIT = 20
-#: Staged rows merged at a time: PostgreSQL merges a chunk while Redis is read for the next.
+#: Rows read per chunk. A day's first aggregation writes each chunk while Redis is read
+#: for the next; a day with rows stages them all and compares once (``DayWriter.end_chunk``).
 MERGE_EVERY_ROWS = 20_000
 
 
@@ -240,8 +241,8 @@ def _aggregate_in_one_transaction(
             if debug:
                 _log_counters(logger, batch)
             _add_bad_keys(writer, logger, result, batch.bad_keys + batch.bad_hours + refused)
-            if writer.staged >= MERGE_EVERY_ROWS:  # merge while the reader fetches the next batches
-                merged(writer.merge())
+            if writer.window >= MERGE_EVERY_ROWS:  # merge while the reader fetches the next batches
+                merged(writer.end_chunk())
         logger.info("Found %d usage keys to process", result.keys_found)
         logger.debug("Keys found through %s", "the day's index" if result.discovery == "index" else "SCAN")
         if result.keys_found == 0:

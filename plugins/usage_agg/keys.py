@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+from collections.abc import Iterable
 from typing import NamedTuple
 
 KEY_PREFIX = "usage:"
@@ -104,9 +105,12 @@ def hourly_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) ->
     return HOURLY_PREFIX + build_key(merchant_id, usage_date, metric_type)[len(KEY_PREFIX) :]
 
 
-def hourly_key_of(raw_key: bytes) -> bytes:
-    """The hourly hash beside a daily key (no parsing: derived from its name)."""
-    return HOURLY_PREFIX.encode() + raw_key[len(KEY_PREFIX) :]
+def hourly_keys_of(ids: Iterable[tuple[bytes, bytes]], usage_date: dt.date) -> list[bytes]:
+    """The hourly hashes beside a batch's daily keys, from their ``(merchant_id, metric_type)``
+    as bytes: :func:`hourly_key`'s name, built with no parsing and no call per key (a day's
+    reread builds one per key, and the reader is what an unchanged rerun waits for)."""
+    prefix, day = HOURLY_PREFIX.encode(), f":{usage_date.isoformat()}:".encode()
+    return [prefix + merchant + day + metric for merchant, metric in ids]
 
 
 def parse_hour(field: bytes | str) -> int:

@@ -23,8 +23,14 @@ class RowShape:
     time_key: str
     #: the time key's column in the target
     time_column: str
+    #: SQL (over target ``t``) keeping the stored rows of the day ``%(day)s``
+    day_filter: str
     #: the staged columns, for COPY
     stage_columns: str
+    #: a day's first rows, COPYed straight into the target: its columns, and one line of
+    #: COPY text for a staged row (``%``-formatted with it; ``{day}`` is the date)
+    direct_columns: str = ""
+    direct_line: bytes = b""
     #: name each reset sample's time key (the hour; a day's samples are all of that day)
     samples_name_time: bool = False
 
@@ -33,15 +39,24 @@ DAILY = RowShape(
     key_columns="merchant_id, usage_date, metric_type",
     time_key="%(day)s::date",
     time_column="usage_date",
+    day_filter="t.usage_date = %(day)s::date",
     stage_columns="merchant_id text NOT NULL, metric_type text NOT NULL, quantity bigint NOT NULL",
+    direct_columns="merchant_id, metric_type, quantity, usage_date, redis_offset",
+    direct_line=b"%b\t%b\t%b\t{day}\t0",
 )
 HOURLY = RowShape(
     key_columns="merchant_id, usage_hour, metric_type",
     time_key="(%(day)s::date + s.hour * interval '1 hour') AT TIME ZONE 'UTC'",
     time_column="usage_hour",
+    day_filter=(
+        "t.usage_hour >= %(day)s::date::timestamp AT TIME ZONE 'UTC'"
+        " AND t.usage_hour < (%(day)s::date + 1)::timestamp AT TIME ZONE 'UTC'"
+    ),
     stage_columns=(
         "merchant_id text NOT NULL, metric_type text NOT NULL, hour smallint NOT NULL, quantity bigint NOT NULL"
     ),
+    direct_columns="merchant_id, metric_type, usage_hour, quantity, redis_offset",
+    direct_line=b"%b\t%b\t{day} %02d:00:00+00\t%d\t0",
     samples_name_time=True,
 )
 
@@ -69,23 +84,52 @@ def _on_conflict(shape: RowShape) -> str:
        AND ({offset} + {redis} <> t.quantity OR {offset} <> t.redis_offset)"""
 
 
-def compare_merge(target: str, stage: str, shape: RowShape) -> str:
-    """One join of a staged chunk with its stored rows classifies every counter; only rows
-    that change reach the INSERT, so an unchanged day writes nothing at all.
+def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = False) -> str:
+    """One join of the staged rows with their stored rows classifies every counter; only
+    rows that change reach the INSERT, so an unchanged day writes nothing at all.
+
+    A row whose Redis value is the one last read, with no reset rule in play, is plainly
+    unchanged and leaves the join at once; only the others go through the rules. A key
+    staged twice (SCAN may return a key twice) is merged once: its latest read that
+    differs from the stored row (as merging the reads one after the other would end).
+
+    How a staged row finds its stored row:
+
+    - by default, a lookup by the primary key (``OFFSET 0`` keeps it a nested loop): the
+      statement costs the stage's size, whatever the day's;
+    - ``day_scan``: one hash join with the day's stored rows, read once in their physical
+      order (the caller disables nested loops for the statement). For a stage of about
+      the day's size, this is several times cheaper than a lookup per row, each of which
+      visits random index and heap pages.
 
     Returns one row: written, unchanged, values below the last read, resets, reset
     samples (JSON) and the rows whose total would pass the bigint (JSON arrays of
     merchant, metric, offset, Redis value, time key).
     """
     sample_time = f" time_key AS {shape.time_column}," if shape.samples_name_time else ""
+    key_columns = ", ".join(
+        f"s.{column.split()[0]}" for column in shape.stage_columns.split(", ") if not column.startswith("quantity")
+    )
+    match = f"""t.merchant_id = s.merchant_id AND t.{shape.time_column} = {shape.time_key}
+                  AND t.metric_type = s.metric_type"""
+    if day_scan:
+        stored = f"LEFT JOIN {target} t ON {match} AND {shape.day_filter}"
+    else:
+        stored = f"""LEFT JOIN LATERAL (
+            SELECT quantity, redis_offset, redis_incarnation FROM {target} t
+            WHERE {match}
+            OFFSET 0
+        ) t ON true"""
     return f"""
     WITH compared AS MATERIALIZED (
-        SELECT s.merchant_id, s.metric_type, {shape.time_key} AS time_key, s.quantity AS redis,
+        SELECT DISTINCT ON ({key_columns})
+               s.merchant_id, s.metric_type, {shape.time_key} AS time_key, s.quantity AS redis,
                t.quantity AS stored, t.redis_offset AS stored_offset, t.redis_incarnation AS stored_source
         FROM {stage} s
-        LEFT JOIN {target} t
-          ON t.merchant_id = s.merchant_id AND t.{shape.time_column} = {shape.time_key}
-             AND t.metric_type = s.metric_type
+        {stored}
+        WHERE t.quantity IS NULL OR %(allow)s OR t.redis_incarnation = ANY(%(fresh)s::integer[])
+              OR s.quantity <> t.quantity - t.redis_offset
+        ORDER BY {key_columns}, s.ctid DESC
     ),
     planned AS MATERIALIZED (
         SELECT *, next_offset::numeric + redis AS next_quantity,
@@ -106,7 +150,7 @@ def compare_merge(target: str, stage: str, shape: RowShape) -> str:
         RETURNING 1
     )
     SELECT (SELECT count(*) FROM written),
-           count(*) FILTER (WHERE unchanged),
+           (SELECT count(*) FROM {stage}) - count(*) FILTER (WHERE NOT unchanged),
            count(*) FILTER (WHERE reset IS NOT NULL AND redis < stored - stored_offset),
            count(*) FILTER (WHERE reset IS NOT NULL AND NOT unchanged),
            (SELECT json_agg(r) FROM (

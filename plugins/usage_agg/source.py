@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from usage_agg.keys import (
-    KEY_PREFIX,
     BadKeyError,
     UsageKey,
     are_plain_quantities,
     belongs_to,
     day_pattern,
-    hourly_key_of,
+    hourly_keys_of,
     index_key,
     parse_hour,
     parse_key,
@@ -30,7 +29,6 @@ from usage_agg.keys import (
 )
 from usage_agg.partitions import is_cluster, node_address, partition_node
 
-KEY_PREFIX_BYTES = KEY_PREFIX.encode()
 DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
 DEFAULT_SCAN_COUNT = 1_000
@@ -193,13 +191,12 @@ MISMATCH_SAMPLES = 5
 
 def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
     """Read the hourly hash of every good key of the batch, in one pipelined round trip."""
-    good = [(merchant, metric, int(value)) for merchant, metric, value in batch.plain_rows] + [
-        (c.key.merchant_id.encode(), c.key.metric_type.encode(), c.quantity) for c in batch.counters
-    ]
+    # the daily total stays as read (bytes, or an int for a counter) until a key has hours
+    good: list[tuple[bytes, bytes, bytes | int]] = [*batch.plain_rows]
+    good += [(c.key.merchant_id.encode(), c.key.metric_type.encode(), c.quantity) for c in batch.counters]
     if not good:
         return
-    day = b":" + usage_date.isoformat().encode() + b":"
-    hourly_keys = [hourly_key_of(KEY_PREFIX_BYTES + merchant + day + metric) for merchant, metric, _ in good]
+    hourly_keys = hourly_keys_of(((merchant, metric) for merchant, metric, _ in good), usage_date)
     if not is_cluster(client) and not client.exists(*hourly_keys):
         return  # a batch of daily-only writers: one command says so (on a cluster, EXISTS may not cross slots)
     pipe = client.pipeline(transaction=False)
@@ -220,14 +217,14 @@ def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
                 continue
             batch.hours.append((merchant, metric, hour, quantity))
             total += quantity
-        if total != daily:
+        if total != int(daily):
             batch.hourly_mismatches += 1
             if len(batch.mismatch_samples) < MISMATCH_SAMPLES:
                 batch.mismatch_samples.append(
                     {
                         "merchant_id": merchant.decode(),
                         "metric_type": metric.decode(),
-                        "daily": daily,
+                        "daily": int(daily),
                         "hourly_sum": total,
                     }
                 )

@@ -32,4 +32,6 @@ def test_benchmark_runs_and_reports_every_measurement(tmp_path):
     assert set(report["peak_memory_mib"]) == {"daily", "daily_and_hourly"}
     assert all(m["mib"] > 0 and m["10x_mib"] > 0 for m in report["peak_memory_mib"].values())
     phases = report["breakdown_seconds"]
-    assert phases["total"] > 0 and phases["main: merge statements (PostgreSQL)"] > 0
+    assert phases["total"] > 0 and phases["main: build and COPY a block (PostgreSQL)"] > 0  # a new day: COPY alone
+    rerun = report["rerun_breakdown_seconds"]
+    assert rerun["total"] > 0 and rerun["main: merge statements (PostgreSQL)"] > 0

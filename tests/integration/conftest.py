@@ -20,3 +20,15 @@ def pg_conn(request, pg_schema):
 @pytest.fixture
 def table(pg_schema):
     return f"{pg_schema}.merchant_usage"
+
+
+@pytest.fixture(params=["lookup", "day-scan"])
+def merge_by(request, monkeypatch):
+    """Both ways a day with rows compares its staged rows with the stored ones: a primary-key
+    lookup per row (stages of up to ``sink.LOOKUP_ROWS`` rows), or one hash join with the
+    stored day (bigger stages; here every stage, however small)."""
+    import usage_agg.sink as sink
+
+    if request.param == "day-scan":
+        monkeypatch.setattr(sink, "LOOKUP_ROWS", 0)
+    return request.param

@@ -121,37 +121,42 @@ class FailingAfterBatches:
         return self.client.mget(keys)
 
 
-@pytest.mark.parametrize(("merge_every", "merged_chunks"), [(10**9, 0), (10, 3)], ids=["no-merge-yet", "three-merges"])
+@pytest.mark.parametrize(
+    ("day_has_rows", "merge_every", "merged_chunks"),
+    [(True, 10**9, 0), (True, 10, 0), (False, 10, 3)],
+    ids=["no-merge-yet", "day-with-rows-compared-at-the-end", "first-aggregation-three-chunks-written"],
+)
 def test_a_run_failing_part_way_leaves_the_date_as_it_was(
-    redis_client, pg_conn, table, pg_schema, query, monkeypatch, merge_every, merged_chunks
+    redis_client, pg_conn, table, pg_schema, query, monkeypatch, day_has_rows, merge_every, merged_chunks
 ):
     import usage_agg.aggregate as aggregate_module
 
-    seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(50)})
-    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    aggregate_day(redis_client, pg_conn, "2025-10-31", table=table)  # the schema, and an audit row
+    if day_has_rows:
+        seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(50)})
+        aggregate_day(redis_client, pg_conn, DAY, table=table)
     before = stored_rows(query, table)
-    seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(60)})  # 50 grow, 10 new
-    redis_client.set(build_key("m000", DAY, "queries"), 0)  # and one reset, merged in the first chunk
+    seed(redis_client, {(f"m{i:03d}", "queries"): 1 for i in range(60)})  # 50 grow (or are new), 10 new
+    redis_client.set(build_key("m000", DAY, "queries"), 0)  # and one reset (of a day with rows)
 
-    monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", merge_every)  # 10: a merge after every batch
-    failing = FailingAfterBatches(redis_client, good=max(merged_chunks, 1))
+    monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", merge_every)  # 10: a chunk ends after every batch
+    failing = FailingAfterBatches(redis_client, good=3)
     with pytest.raises(redis.ConnectionError):
         aggregate_day(failing, pg_conn, DAY, table=table, batch_size=10, discovery="scan")
-    assert stored_rows(query, table) == before  # the merged chunks were rolled back with the rest
+    assert stored_rows(query, table) == before  # the chunks written were rolled back with the rest
     audit = query(
         f"SELECT outcome, rows_written, rows_unchanged, resets, error FROM {pg_schema}.usage_aggregation_runs ORDER BY id"
     )
-    assert audit[0][0] == "success"
-    assert audit[1][:4] == ("failed", 0, 0, 0)  # what was committed: nothing
-    merged = 10 * merged_chunks
-    assert audit[1][4] == (
-        f"ConnectionError: Connection reset by peer (injected) (rolled back after reading {10 * max(merged_chunks, 1)} "
-        f"keys and merging {merged} rows; nothing of this run was committed)"
+    assert audit[-2][0] == "success"
+    assert audit[-1][:4] == ("failed", 0, 0, 0)  # what was committed: nothing
+    assert audit[-1][4] == (
+        f"ConnectionError: Connection reset by peer (injected) (rolled back after reading 30 "
+        f"keys and merging {10 * merged_chunks} rows; nothing of this run was committed)"
     )
 
     aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
-    expected = {(f"m{i:03d}", "queries"): (2 if i < 50 else 1) for i in range(60)}
-    expected[("m000", "queries")] = 1  # a drop keeps what was counted
+    expected = {(f"m{i:03d}", "queries"): (2 if i < 50 and day_has_rows else 1) for i in range(60)}
+    expected[("m000", "queries")] = 1 if day_has_rows else 0  # a drop keeps what was counted
     assert rows(query, table) == expected
 
 
@@ -508,3 +513,128 @@ def test_a_new_day_goes_in_by_plain_insert_until_a_row_turns_up(pg_conn, pg_sche
         ("acme", 5, 0), ("globex", 100, 93), ("initech", 2, 0), ("umbrella", 1, 0),
     ]  # fmt: skip  (globex: never lowered; Redis's 7 counts on top of the 93 before it)
     assert query(f"SELECT count(*) FROM {names.errors.quoted}") == [(0,)]  # a row in the way is not bad data
+
+
+def test_a_new_day_is_copied_straight_in_as_the_merge_would_write_it(pg_conn, pg_schema, query):
+    """A day's first rows skip the stage and the statement (COPY into the table itself):
+    offset 0, the Redis life they were read from, each hour at its UTC hour whatever the
+    session's time zone."""
+    import datetime as dt
+
+    from usage_agg.sink import DayWriter, Source, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    with pg_conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'Pacific/Kiritimati'")  # UTC+14: a local hour would land on another date
+    with DayWriter(pg_conn, names, dt.date(2025, 11, 1)) as writer:
+        writer.use_source(Source(41))
+        assert writer.stage_plain_rows([(b"acme", b"q", b"5"), (b"globex", b"q", b"7")]) == []
+        assert writer.stage_hours([(b"acme", b"q", 0, 2), (b"acme", b"q", 23, 3)]) == []
+        assert (writer._daily.copied_in, writer._daily.staged, writer._hourly.copied_in, writer._hourly.staged) == (
+            2, 0, 2, 0,
+        )  # fmt: skip
+        assert writer.staged == 4  # so the caller merges every chunk, as for staged rows
+        merged = writer.merge()
+        assert (writer.staged, merged.rows_written, merged.hourly_rows_written) == (0, 2, 2)
+    assert query(
+        f"SELECT merchant_id, usage_date::text, quantity, redis_offset, redis_incarnation FROM {names.usage.quoted} "
+        "ORDER BY 1"
+    ) == [("acme", "2025-11-01", 5, 0, 41), ("globex", "2025-11-01", 7, 0, 41)]
+    assert query(
+        f"SELECT to_char(usage_hour AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24'), quantity, redis_offset, redis_incarnation "
+        f"FROM {names.hourly.quoted} ORDER BY 1"
+    ) == [("2025-11-01 00", 2, 0, 41), ("2025-11-01 23", 3, 0, 41)]
+
+
+def test_a_new_day_with_open_dead_letters_is_staged_so_fixed_keys_resolve_them(pg_conn, pg_schema, query):
+    """Resolving a letter needs the clean key staged: such a day skips the straight COPY."""
+    import datetime as dt
+
+    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.source import BadKey
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    day = dt.date(2025, 11, 1)
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.record_bad_keys([BadKey(b"usage:acme:2025-11-01:q", "value is not a number", b"oops")])
+    with DayWriter(pg_conn, names, day) as writer:
+        assert writer._daily.was_empty and not writer._daily.copy_straight_in
+        writer.stage_plain_rows([(b"acme", b"q", b"5")])
+        assert (writer._daily.copied_in, writer._daily.staged) == (0, 1)
+        assert writer.merge().rows_written == 1
+    assert query(f"SELECT resolution FROM {names.errors.quoted}") == [("fixed",)]
+
+
+#: a 200-byte merchant id suffix: staged rows fill several pages
+WIDE = "w" * 196
+
+
+def test_a_day_with_rows_read_whole_is_compared_once_and_a_refused_row_costs_itself(
+    redis_client, pg_conn, table, pg_schema, query, monkeypatch
+):
+    """A day with rows keeps its chunks staged and compares them with the stored day in one
+    hash join; a row PostgreSQL refuses there sends the stage through again in slices,
+    which set that row aside and merge the rest."""
+    import usage_agg.aggregate as aggregate_module
+    import usage_agg.sink as sink
+
+    calls: list[str] = []
+    for method in ("_merged_by_day_scan", "_merged_in_slices", "_merged_with_refusals"):
+        original = getattr(sink._Stage, method)
+        monkeypatch.setattr(
+            sink._Stage, method, lambda self, params, _o=original, _m=method: calls.append(_m) or _o(self, params)
+        )
+    monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", 10)  # a chunk ends after every batch
+    monkeypatch.setattr(sink, "LOOKUP_ROWS", 25)
+    monkeypatch.setattr(sink, "SLICE_PAGES", 1)  # 200-byte ids: about 35 staged rows a page
+    seed(redis_client, {(f"m{i:03d}{WIDE}", "queries"): 1 for i in range(60)})
+    first = aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
+    assert (first.rows_written, calls) == (60, [])  # a new day: COPYed straight in, chunk by chunk
+
+    query(f"ALTER TABLE {table} ADD CONSTRAINT no_poison CHECK (merchant_id <> 'poison'); SELECT 1")
+    seed(redis_client, {(f"m{i:03d}{WIDE}", "queries"): 1 for i in range(0, 60, 2)})  # 30 grow, 30 do not
+    seed(redis_client, {("poison", "queries"): 7, ("new", "queries"): 3})
+    again = aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
+    assert calls[:2] == ["_merged_by_day_scan", "_merged_in_slices"]  # one comparison, then a slice a page
+    assert calls.count("_merged_with_refusals") >= 2
+    assert (again.rows_written, again.rows_unchanged, again.bad_keys, again.new_bad_keys) == (31, 30, 1, 1)
+    expected = {(f"m{i:03d}{WIDE}", "queries"): 2 if i % 2 == 0 else 1 for i in range(60)} | {("new", "queries"): 3}
+    assert rows(query, table) == expected
+    assert query(f"SELECT redis_key FROM {pg_schema}.usage_aggregation_errors") == [(f"usage:poison:{DAY}:queries",)]
+
+    calls.clear()
+    redis_client.delete(build_key("poison", DAY, "queries"))
+    rerun = aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
+    assert calls == ["_merged_by_day_scan"]
+    assert (rerun.rows_written, rerun.rows_unchanged, rerun.bad_keys) == (0, 61, 0)
+
+
+@pytest.mark.usefixtures("merge_by")
+def test_a_key_staged_in_two_chunks_is_merged_once_and_planner_settings_are_left_as_found(pg_conn, pg_schema, query):
+    """SCAN may return a key twice, chunks apart; the day's comparison merges it once (its
+    latest read that differs from the stored row). Nested loops, turned off for the day
+    scan, are as the session had them afterwards."""
+    import datetime as dt
+
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    day = dt.date(2025, 11, 1)
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_plain_rows([(b"acme", b"q", b"3"), (b"globex", b"q", b"1")])
+        writer.merge()
+    for first_read, session_setting in ((5, "on"), (8, "off")):
+        with pg_conn.cursor() as cur:
+            cur.execute(f"SET enable_nestloop = {session_setting}")
+        with DayWriter(pg_conn, names, day) as writer:
+            writer.stage_plain_rows([(b"acme", b"q", b"%d" % first_read), (b"globex", b"q", b"1")])
+            assert writer.end_chunk().rows_written == 0  # a day with rows: compared at the end
+            writer.stage_plain_rows([(b"acme", b"q", b"%d" % (first_read + 2)), (b"globex", b"q", b"1")])
+            merged = writer.merge()
+            with pg_conn.cursor() as cur:
+                cur.execute("SELECT current_setting('enable_nestloop')")
+                assert cur.fetchone()[0] == session_setting
+        assert (merged.rows_written, merged.rows_unchanged) == (1, 3)  # a key read twice counts twice, as ever
+        assert query(f"SELECT merchant_id, quantity FROM {names.usage.quoted} ORDER BY 1") == [
+            ("acme", first_read + 2), ("globex", 1),
+        ]  # fmt: skip

@@ -45,6 +45,7 @@ def test_tracking_counts_the_hour_beside_the_day_in_one_round_trip(redis_client)
         track_usage(redis_client, "acme", "queries", at=at(DAY, 7), usage_date="2025-11-02")
 
 
+@pytest.mark.usefixtures("merge_by")
 def test_hourly_rows_are_written_with_the_daily_ones_and_follow_the_same_rules(redis_client, pg_conn, table, query):
     track_usage(redis_client, "acme", "queries", 5, at=at(DAY, 0, 10))
     track_usage(redis_client, "acme", "queries", 7, at=at(DAY, 23, 59))
@@ -75,6 +76,7 @@ def test_hourly_rows_are_written_with_the_daily_ones_and_follow_the_same_rules(r
     assert query(f"SELECT hourly_rows_written FROM {schema}.usage_aggregation_runs ORDER BY id") == [(2,), (0,), (1,), (1,), (0,)]
 
 
+@pytest.mark.usefixtures("merge_by")
 def test_bad_hourly_hashes_and_fields_are_dead_lettered_and_block_nothing(redis_client, pg_conn, table, pg_schema, query):
     track_usage(redis_client, "acme", "queries", 5, at=at(DAY, 3))
     hours = hourly_key("acme", DAY, "queries")
@@ -274,3 +276,26 @@ def test_the_readme_window_query_runs_as_written(redis_client, pg_conn, table, p
         rows = [(m, start.astimezone(tokyo).date().isoformat(), q) for m, _, start, _, q in cur.fetchall()]
     pg_conn.rollback()
     assert rows == [("acme_electronics_2024", "2025-11-01", 4), ("acme_electronics_2024", "2025-11-02", 6)]
+
+
+@pytest.mark.usefixtures("merge_by")
+def test_an_hour_past_bigint_names_its_utc_hour_whatever_the_session_time_zone(pg_conn, pg_schema, query):
+    """The dead letter of an hour whose total would pass the bigint names the hash field
+    (the UTC hour), not the hour on the session's clock."""
+    import datetime as dt
+
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    day = dt.date(2025, 11, 1)
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_hours([(b"acme", b"q", 5, 2)])
+        writer.merge()
+    query(f"UPDATE {names.hourly.quoted} SET quantity = {2**63 - 1}, redis_offset = {2**63 - 3} RETURNING 1")
+    with pg_conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'Pacific/Kiritimati'")  # 05:00 UTC is 19:00 there
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_hours([(b"acme", b"q", 5, 5)])
+        (refused,) = writer.merge().refused
+    assert (refused.raw_key, refused.field) == (b"usage-hourly:acme:2025-11-01:q", b"05")
+    assert "would exceed PostgreSQL's bigint" in refused.reason

@@ -122,6 +122,29 @@ def test_a_row_lock_held_elsewhere_times_out_naming_table_and_date(redis_client,
     assert rows(query, table) == {("acme", "queries"): 2}
 
 
+def test_an_uncommitted_row_in_a_new_days_way_times_out_then_its_outcome_counts(redis_client, pg_conn, table, query):
+    """A writer without the day's lock inserts a row of a day that has none, and keeps its
+    transaction open: the day's first COPY waits for it, within lock_timeout."""
+    aggregate_day(redis_client, pg_conn, "2025-10-31", table=table)  # the schema
+    seed(redis_client, {("acme", "queries"): 5, ("globex", "queries"): 1})
+    holder = pg_connect()
+    try:
+        with holder.cursor() as cur:
+            cur.execute(
+                f"INSERT INTO {table} (merchant_id, usage_date, metric_type, quantity) VALUES ('acme', %s, 'queries', 9)",
+                (DAY,),
+            )
+        with pytest.raises(LockWaitTimeout, match=rf"waited 0.3 s for a row lock on {table} 2025-11-01"):
+            aggregate_day(redis_client, pg_conn, DAY, table=table, lock_timeout=dt.timedelta(milliseconds=300))
+        holder.commit()  # its row is there now: the first aggregation merges with it by the rules
+    finally:
+        holder.rollback()
+        holder.close()
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (result.rows_written, result.bad_keys) == (2, 0)
+    assert rows(query, table) == {("acme", "queries"): 9, ("globex", "queries"): 1}  # 9 never lowered to 5
+
+
 def test_the_day_lock_timeout_names_table_and_date(redis_client, pg_conn, table):
     aggregate_day(redis_client, pg_conn, DAY, table=table)
     holder = pg_connect()

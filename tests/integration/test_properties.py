@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,6 +40,7 @@ operations = st.lists(
 )  # fmt: skip
 
 
+@pytest.mark.usefixtures("merge_by")
 @FIXTURES_REUSED
 @given(ops=operations)
 def test_any_interleaving_of_counting_and_reruns_ends_equal_to_redis(redis_client, pg_schema, query, ops):

@@ -49,6 +49,7 @@ def count(client, merchant: str, metric: str, amount: int) -> None:
     track_usage(client, merchant, metric, amount, usage_date=DAY)
 
 
+@pytest.mark.usefixtures("merge_by")
 def test_a_restart_without_persistence_keeps_the_count_and_adds_all_that_follows(servers, pg_conn, table, query):
     server = servers()
     client = server.client()
@@ -91,6 +92,23 @@ def test_a_key_first_written_after_the_restart_reset_is_read_whole(servers, pg_c
     assert totals(query, table) == {("acme", "queries"): (103, 100), ("globex", "queries"): (16, 7)}
 
 
+@pytest.mark.usefixtures("merge_by")
+def test_a_counter_back_at_its_last_read_value_after_a_restart_is_all_new(servers, pg_conn, table, query):
+    """The value Redis holds equals the one last read, yet the server started empty since:
+    all of it is new usage (a comparison of values alone would call it unchanged)."""
+    server = servers()
+    client = server.client()
+    count(client, "acme", "queries", 100)
+    aggregate_day(client, pg_conn, DAY, table=table)
+    time.sleep(UPTIME_RESOLUTION)
+    server.restart()
+    count(client, "acme", "queries", 100)
+    after = aggregate_day(client, pg_conn, DAY, table=table)
+    assert (after.resets, after.rows_written, after.rows_unchanged) == (1, 1, 0)
+    assert totals(query, table) == {("acme", "queries"): (200, 100)}
+
+
+@pytest.mark.usefixtures("merge_by")
 def test_a_snapshot_restore_never_counts_restored_values_twice(servers, pg_conn, table, query):
     server = servers("--dbfilename", "dump.rdb")
     client = server.client()

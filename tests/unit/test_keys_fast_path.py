@@ -13,6 +13,8 @@ from usage_agg.keys import (
     BadKeyError,
     are_plain_quantities,
     build_key,
+    hourly_key,
+    hourly_keys_of,
     parse_key,
     parse_key_of_day,
     split_keys_of_day,
@@ -112,3 +114,16 @@ def test_one_odd_key_sends_the_whole_batch_to_the_per_key_path():
 )
 def test_plain_quantities_are_exactly_the_fast_path_of_parse_quantity(values, plain):
     assert are_plain_quantities(values) is plain
+
+
+@given(
+    st.text(min_size=1, max_size=100).filter(lambda s: "\x00" not in s),
+    st.text(min_size=1, max_size=40).filter(lambda s: ":" not in s and "\x00" not in s),
+)
+def test_the_batch_builds_the_hourly_hash_names_hourly_key_builds(merchant, metric):
+    try:
+        expected = hourly_key(merchant, DAY, metric).encode("utf-8", "surrogateescape")
+    except ValueError:  # an id hourly_key refuses is never a good key of a batch
+        return
+    ids = [(merchant.encode("utf-8", "surrogateescape"), metric.encode("utf-8", "surrogateescape"))] * 2
+    assert hourly_keys_of(ids, DAY) == [expected, expected]
