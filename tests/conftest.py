@@ -8,6 +8,8 @@ database of its own tier and a PostgreSQL schema of its own, dropped after.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import functools
 import json
 import os
@@ -61,14 +63,33 @@ def redis_client(request):
     client.close()
 
 
-def pg_connect(driver: str = "psycopg2"):
+def pg_connect(driver: str = "psycopg2", **options):
+    """A connection to the suite's database with ``driver``; ``options`` go to its ``connect``."""
     if driver == "psycopg2":
         import psycopg2
 
-        return psycopg2.connect(PG_DSN)
+        return psycopg2.connect(PG_DSN, **options)
     import psycopg
 
-    return psycopg.connect(PG_DSN)
+    return psycopg.connect(PG_DSN, **options)
+
+
+@contextlib.contextmanager
+def day_lock_held(table: str, usage_date: str):
+    """Another writer holding ``table``'s lock on ``usage_date`` until the block ends: the
+    package's advisory lock on (table, date), its key spelled out here as another writer of
+    the table would spell it (not taken from the package, so a changed key fails the tests)."""
+    holder = pg_connect()
+    try:
+        with holder.cursor() as cur:
+            cur.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s), %s)",
+                (f"usage_agg {table}", dt.date.fromisoformat(usage_date).toordinal()),
+            )
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
 
 
 @pytest.fixture

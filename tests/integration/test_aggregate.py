@@ -304,22 +304,16 @@ def test_an_injected_table_name_is_refused_before_any_sql(redis_client, pg_conn,
 
 
 def test_writers_of_the_same_date_wait_for_each_other_bounded(redis_client, pg_conn, table, query):
-    from tests.conftest import pg_connect
+    from tests.conftest import day_lock_held
 
     seed(redis_client, {("acme", "queries"): 1})
     aggregate_day(redis_client, pg_conn, DAY, table=table)  # creates the schema
-    holder = pg_connect()
-    try:
-        with holder.cursor() as cur:  # another writer holds the date
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"usage_agg {table}", dt.date(2025, 11, 1).toordinal()))
+    with day_lock_held(table, DAY):  # another writer holds the date
         with pytest.raises(Exception, match="lock timeout"):
             aggregate_day(redis_client, pg_conn, DAY, table=table, lock_timeout=dt.timedelta(milliseconds=300))
         pg_conn.rollback()
         # another date is not blocked
         aggregate_day(redis_client, pg_conn, "2025-11-02", table=table, lock_timeout=dt.timedelta(milliseconds=300))
-    finally:
-        holder.rollback()
-        holder.close()
     assert aggregate_day(redis_client, pg_conn, DAY, table=table).rows_unchanged == 1
 
 

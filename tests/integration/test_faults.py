@@ -195,25 +195,18 @@ def test_a_statement_timeout_names_the_setting_and_how_to_lift_it(redis_client, 
     Here it ends the wait for the date's lock (another writer holds it): the same SQLSTATE and
     message as a comparison that runs too long, without a day big enough to take that long.
     """
-    import datetime as dt
-
-    from tests.conftest import PG_DSN
+    from tests.conftest import day_lock_held
     from usage_agg.db_errors import STATEMENT_TIMEOUT_HINT
 
     seed(redis_client, 1)
-    aggregate_day(redis_client, pg_connect(driver), DAY, table=table)  # the schema and the date's rows
+    first = pg_connect(driver)
+    aggregate_day(redis_client, first, DAY, table=table)  # the schema and the date's rows
+    first.close()
     seed(redis_client, 1)
-    driver_module = __import__(driver)
-    limited = driver_module.connect(PG_DSN, options="-c statement_timeout=300ms")  # as a role's ALTER ROLE would
-    holder = pg_connect()
-    try:
-        with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"usage_agg {table}", dt.date(2025, 11, 1).toordinal()))
+    limited = pg_connect(driver, options="-c statement_timeout=300ms")  # as a role's ALTER ROLE would
+    with day_lock_held(table, DAY):
         with caplog.at_level("ERROR", logger="usage_agg"), pytest.raises(Exception) as raised:
             aggregate_day(redis_client, limited, DAY, table=table)
-    finally:
-        holder.rollback()
-        holder.close()
     assert "statement timeout" in str(raised.value)
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Aggregation of 2025-11-01 failed: ")]
     assert line.endswith(f"(SQLSTATE 57014): {STATEMENT_TIMEOUT_HINT}"), line
@@ -222,7 +215,7 @@ def test_a_statement_timeout_names_the_setting_and_how_to_lift_it(redis_client, 
     assert STATEMENT_TIMEOUT_HINT in error
     limited.close()
 
-    lifted = driver_module.connect(PG_DSN, options="-c statement_timeout=0")  # the hint's extra, as the hook passes it
+    lifted = pg_connect(driver, options="-c statement_timeout=0")  # the hint's extra, as the hook passes it
     aggregate_day(redis_client, lifted, DAY, table=table)
     lifted.close()
     assert stored(query, table) == redis_totals(redis_client)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import threading
 import time
 
 import pytest
 
-from tests.conftest import pg_connect
+from tests.conftest import day_lock_held, pg_connect
 from usage_agg.aggregate import aggregate_day
 from usage_agg.db_errors import LockWaitTimeout
 from usage_agg.expiry import check_expiry
@@ -147,15 +146,10 @@ def test_an_uncommitted_row_in_a_new_days_way_times_out_then_its_outcome_counts(
 
 def test_the_day_lock_timeout_names_table_and_date(redis_client, pg_conn, table):
     aggregate_day(redis_client, pg_conn, DAY, table=table)
-    holder = pg_connect()
-    try:
-        with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"usage_agg {table}", dt.date(2025, 11, 1).toordinal()))
-        with pytest.raises(LockWaitTimeout, match=rf"^lock timeout: waited 0.2 s for the lock on {table} 2025-11-01, held by another writer"):
-            aggregate_day(redis_client, pg_conn, DAY, table=table, lock_timeout=dt.timedelta(milliseconds=200))
-    finally:
-        holder.rollback()
-        holder.close()
+    with day_lock_held(table, DAY), pytest.raises(
+        LockWaitTimeout, match=rf"^lock timeout: waited 0.2 s for the lock on {table} 2025-11-01, held by another writer"
+    ):
+        aggregate_day(redis_client, pg_conn, DAY, table=table, lock_timeout=dt.timedelta(milliseconds=200))
 
 
 # One table, one identity
@@ -170,15 +164,9 @@ def test_a_table_and_its_qualified_name_are_one_table(redis_client, pg_schema, q
         cur.execute(f'SET search_path TO "{pg_schema}"')
     bare.commit()
     aggregate_day(redis_client, bare, DAY, table="merchant_usage")
-    holder = pg_connect()
-    try:  # a writer under one spelling blocks a writer under the other
-        with holder.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), %s)", (f"usage_agg {pg_schema}.merchant_usage", dt.date(2025, 11, 1).toordinal()))
-        with pytest.raises(LockWaitTimeout):
-            aggregate_day(redis_client, bare, DAY, table="merchant_usage", lock_timeout=dt.timedelta(milliseconds=200))
-    finally:
-        holder.rollback()
-        holder.close()
+    # a writer under one spelling blocks a writer under the other
+    with day_lock_held(f"{pg_schema}.merchant_usage", DAY), pytest.raises(LockWaitTimeout):
+        aggregate_day(redis_client, bare, DAY, table="merchant_usage", lock_timeout=dt.timedelta(milliseconds=200))
     aggregate_day(redis_client, qualified, DAY, table=f"{pg_schema}.merchant_usage")
     assert set(query(f'SELECT usage_table FROM "{pg_schema}".usage_aggregation_runs WHERE outcome <> %s', ("failed",))) == {
         (f"{pg_schema}.merchant_usage",)

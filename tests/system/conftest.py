@@ -7,7 +7,6 @@ and the usage tables first.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import uuid
@@ -138,29 +137,10 @@ def usage_table(stack, usage_schema, query):
     return table
 
 
-@contextlib.contextmanager
-def metadata_queries(stack):
-    """A function running a query on ``stack``'s Airflow metadata database, for the ``with`` block."""
-    import psycopg2
-
-    conn = psycopg2.connect(stack.metadata_dsn)
-    conn.autocommit = True
-
-    def run(sql: str, params=None) -> list[tuple]:
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return cur.fetchall()
-
-    try:
-        yield run
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def metadata(stack):
     """Run a query on the Airflow metadata database."""
-    with metadata_queries(stack) as run:
+    with stack.metadata_queries() as run:
         yield run
 
 

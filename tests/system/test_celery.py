@@ -17,7 +17,6 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 from tests.conftest import pg_connect
-from tests.system.conftest import metadata_queries
 from tests.system.merchant_runs import wait_for_run
 from tests.system.stack import AIRFLOW_V3, REPO
 
@@ -41,7 +40,7 @@ TRIGGER_COMMAND = (
 
 @pytest.fixture
 def metadata(celery_stack):
-    with metadata_queries(celery_stack) as run:
+    with celery_stack.metadata_queries() as run:
         yield run
 
 
