@@ -17,7 +17,9 @@ dismissed  ``resolution = 'dismissed'``                stays while its value is 
 =========  ==========================================  =====================================
 
 A letter is *new* (the run fails and alerts, once) when it was never seen, when its
-value or reason changed, or when it is bad again after being fixed.
+value or reason changed, or when it is bad again after being fixed. A letter marked fixed
+in this very transaction was open until then: its key was staged clean (:func:`resolve_fixed`)
+and then refused by the merge (a total past the bigint), so it is known, not new.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
                         %(values)s::text[], %(reasons)s::text[]) AS u(d, k, f, t, v, r)
         ),
         previous AS (
-            SELECT e.key_sha256, e.raw_value, e.reason, e.resolution
+            SELECT e.key_sha256, e.raw_value, e.reason, e.resolution, e.resolved_at
             FROM {errors_table} e JOIN incoming i USING (key_sha256)
         ),
         upserted AS (
@@ -90,7 +92,7 @@ def record(cur, errors_table: str, usage_date: dt.date, bad_keys) -> int:
         WHERE p.key_sha256 IS NULL
            OR p.raw_value IS DISTINCT FROM i.raw_value
            OR p.reason <> i.reason
-           OR p.resolution IS NOT NULL AND p.resolution <> 'dismissed'
+           OR p.resolution IS NOT NULL AND p.resolution <> 'dismissed' AND p.resolved_at <> now()
         """,
         {
             "digests": list(unique),

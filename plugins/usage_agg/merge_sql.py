@@ -164,28 +164,13 @@ def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = 
     """
 
 
-def insert_merge(target: str, stage: str, shape: RowShape) -> str:
-    """:func:`compare_merge` for a day that had no rows when the lock was taken: nothing
-    stored to compare with, so the staged counters go straight in."""
-    return f"""
-    WITH written AS (
-        INSERT INTO {target} AS t ({shape.key_columns}, quantity, redis_offset, redis_incarnation)
-        SELECT s.merchant_id, {shape.time_key}, s.metric_type, s.quantity, 0, %(source)s FROM {stage} s
-        {_on_conflict(shape)}
-        RETURNING 1
-    )
-    SELECT (SELECT count(*) FROM written), (SELECT count(*) FROM {stage}) - (SELECT count(*) FROM written),
-           0, 0, NULL, NULL
-    """
-
-
 def plain_insert(target: str, stage: str, shape: RowShape) -> str:
-    """:func:`insert_merge` without its ``ON CONFLICT`` arm, and so without its row count:
-    the day's first aggregation, the usual case, at about half the cost (PostgreSQL's
-    speculative insertion for ``ON CONFLICT`` and the counting CTE cost as much as the
-    insert itself). A row already there (a key that SCAN returned in two chunks, a
-    writer without the day's lock) fails the whole statement with a unique violation;
-    the caller then rolls it back and runs :func:`insert_merge`, which applies the rules.
+    """A day's first staged rows, inserted with no ``ON CONFLICT`` arm and no row count:
+    the usual case, at about half the cost of an upsert (PostgreSQL's speculative
+    insertion for ``ON CONFLICT`` and a counting CTE cost as much as the insert itself).
+    A row already there (a key that SCAN returned in two chunks, a writer without the
+    day's lock) fails the whole statement with a unique violation; the caller then rolls
+    it back and runs :func:`compare_merge`, which applies the rules.
     Rows go in in the primary key's order (Redis hands them out in hash order), which
     saves PostgreSQL some index page visits (about 6% of the statement, measured)."""
     return f"""

@@ -51,7 +51,7 @@ from typing import Any
 from usage_agg import audit, dead_letters
 from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, is_unique_violation, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
-from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, insert_merge, plain_insert
+from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
 from usage_agg.servers import RedisIncarnation
 from usage_agg.source import BadKey, Counter
@@ -293,7 +293,10 @@ class _Stage:
         """Merge the stage (up to :data:`LOOKUP_ROWS` rows) by primary-key lookups; should
         PostgreSQL refuse a row, find it by halves and set it aside."""
         result = MergeResult()
-        statement = (insert_merge if self.was_empty else compare_merge)(self.target, self.table, self.shape)
+        # A day's first rows go in by plain INSERT (:meth:`_inserted`); once a row turned up
+        # after all, the rows are compared with the stored ones: the rules, their counts and
+        # the totals that would pass the bigint, as for any day with rows.
+        statement = compare_merge(self.target, self.table, self.shape)
         cur = self.writer._cur
 
         def merge_staged(part: list | None) -> None:

@@ -77,6 +77,24 @@ def test_hourly_rows_are_written_with_the_daily_ones_and_follow_the_same_rules(r
 
 
 @pytest.mark.usefixtures("merge_by")
+def test_every_hour_of_a_key_that_grows_in_several_hours_is_written(redis_client, pg_conn, table, query):
+    """A day with hourly rows compares its staged hours with the stored ones: one row per
+    key and hour, so a key that grew in two stored hours and a new one writes all three."""
+    track_usage(redis_client, "acme", "queries", 5, at=at(DAY, 3, 20))
+    track_usage(redis_client, "acme", "queries", 2, at=at(DAY, 17, 45))
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    for hour, amount in ((3, 1), (17, 4), (20, 6)):
+        track_usage(redis_client, "acme", "queries", amount, at=at(DAY, hour, 30))
+    grown = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (grown.rows_written, grown.hourly_rows_written, grown.hourly_rows_unchanged) == (1, 3, 0)
+    assert hourly_rows(query, table) == {
+        ("acme", "queries", "2025-11-01T03:00:00+00:00"): (6, 0),
+        ("acme", "queries", "2025-11-01T17:00:00+00:00"): (6, 0),
+        ("acme", "queries", "2025-11-01T20:00:00+00:00"): (6, 0),
+    }
+
+
+@pytest.mark.usefixtures("merge_by")
 def test_bad_hourly_hashes_and_fields_are_dead_lettered_and_block_nothing(redis_client, pg_conn, table, pg_schema, query):
     track_usage(redis_client, "acme", "queries", 5, at=at(DAY, 3))
     hours = hourly_key("acme", DAY, "queries")

@@ -82,6 +82,7 @@ def test_any_row_postgresql_refuses_is_set_aside_and_the_rest_committed(redis_cl
     assert all(r.startswith("PostgreSQL refused the row: ") and "no_poison" in r for r in reasons.values())
 
 
+@pytest.mark.usefixtures("merge_by")
 def test_a_total_past_bigint_after_a_reset_is_a_bad_key(redis_client, pg_conn, table, pg_schema, query):
     key = build_key("acme", DAY, "queries")
     redis_client.set(key, 2**63 - 1)
@@ -97,6 +98,36 @@ def test_a_total_past_bigint_after_a_reset_is_a_bad_key(redis_client, pg_conn, t
     assert query(f"SELECT reason FROM {pg_schema}.usage_aggregation_errors") == [
         (f"the total would exceed PostgreSQL's bigint: {2**63 - 2} counted before a reset + Redis value 5",)
     ]
+    # The next run finds it as it was: a known bad key, not a new one (the merge refuses a
+    # key it staged clean, whose open letter was marked fixed a moment before in the same
+    # transaction), so the task does not fail and alert again on every run.
+    again = aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert (again.bad_keys, again.new_bad_keys) == (1, 0)
+    assert query(f"SELECT resolved_at, times_seen FROM {pg_schema}.usage_aggregation_errors") == [(None, 2)]
+
+
+def test_a_first_aggregation_meeting_a_row_past_bigint_sets_it_aside(pg_conn, pg_schema, query):
+    """A writer without the day's lock puts a row there after the day was found empty, with
+    an offset from an earlier reset: the first aggregation's plain COPY meets it, the rows
+    are merged by the rules instead, and a total past the bigint is set aside (a bad key,
+    dead-lettered by the caller) as on any day with rows, with the rest written."""
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    pg_conn.commit()
+    with DayWriter(pg_conn, names, dt.date(2025, 11, 1)) as writer:  # the day is found empty here
+        query(
+            f"INSERT INTO {names.usage.quoted} (merchant_id, usage_date, metric_type, quantity, redis_offset)"
+            " VALUES ('acme', %s, 'queries', %s, %s) RETURNING 1",
+            (DAY, 2**63 - 1, 2**63 - 2),
+        )
+        assert writer.stage_plain_rows([(b"acme", b"queries", b"5"), (b"globex", b"queries", b"2")]) == []
+        merged = writer.merge()
+    assert merged.rows_written == 1
+    [refused] = merged.refused
+    assert (refused.raw_key, refused.raw_value) == (build_key("acme", DAY, "queries").encode(), b"5")
+    assert refused.reason == f"the total would exceed PostgreSQL's bigint: {2**63 - 2} counted before a reset + Redis value 5"
+    assert rows(query, f"{pg_schema}.merchant_usage") == {("acme", "queries"): 2**63 - 1, ("globex", "queries"): 2}
 
 
 # Every wait is bounded
