@@ -89,9 +89,8 @@ def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = 
     rows that change reach the INSERT, so an unchanged day writes nothing at all.
 
     A row whose Redis value is the one last read, with no reset rule in play, is plainly
-    unchanged and leaves the join at once; only the others go through the rules. A key
-    staged twice (SCAN may return a key twice) is merged once: its latest read that
-    differs from the stored row (as merging the reads one after the other would end).
+    unchanged and leaves the join at once; only the others go through the rules. The
+    stage holds each counter once (the caller merges a counter read twice in rounds).
 
     How a staged row finds its stored row:
 
@@ -107,9 +106,6 @@ def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = 
     merchant, metric, offset, Redis value, time key).
     """
     sample_time = f" time_key AS {shape.time_column}," if shape.samples_name_time else ""
-    key_columns = ", ".join(
-        f"s.{column.split()[0]}" for column in shape.stage_columns.split(", ") if not column.startswith("quantity")
-    )
     match = f"""t.merchant_id = s.merchant_id AND t.{shape.time_column} = {shape.time_key}
                   AND t.metric_type = s.metric_type"""
     if day_scan:
@@ -122,14 +118,12 @@ def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = 
         ) t ON true"""
     return f"""
     WITH compared AS MATERIALIZED (
-        SELECT DISTINCT ON ({key_columns})
-               s.merchant_id, s.metric_type, {shape.time_key} AS time_key, s.quantity AS redis,
+        SELECT s.merchant_id, s.metric_type, {shape.time_key} AS time_key, s.quantity AS redis,
                t.quantity AS stored, t.redis_offset AS stored_offset, t.redis_incarnation AS stored_source
         FROM {stage} s
         {stored}
         WHERE t.quantity IS NULL OR %(allow)s OR t.redis_incarnation = ANY(%(fresh)s::integer[])
               OR s.quantity <> t.quantity - t.redis_offset
-        ORDER BY {key_columns}, s.ctid DESC
     ),
     planned AS MATERIALIZED (
         SELECT *, next_offset::numeric + redis AS next_quantity,

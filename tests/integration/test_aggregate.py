@@ -379,8 +379,9 @@ def test_merging_in_chunks_gives_the_same_result_as_one_merge(redis_client, pg_c
 
 
 @pytest.mark.parametrize("stored_before", [False, True], ids=["new-day", "day-with-rows"])
-def test_a_key_staged_twice_is_merged_once(pg_conn, pg_schema, query, stored_before):
-    """SCAN and SSCAN may return a key twice, in one batch or two; the merge must not fail on it."""
+def test_a_key_staged_twice_is_merged_read_by_read(pg_conn, pg_schema, query, stored_before):
+    """SCAN and SSCAN may return a key twice, in one batch or two: the merge does not fail on
+    it, and merges its reads one after the other (each written or unchanged once)."""
     import datetime as dt
 
     from usage_agg.keys import UsageKey
@@ -398,9 +399,9 @@ def test_a_key_staged_twice_is_merged_once(pg_conn, pg_schema, query, stored_bef
         writer.stage_plain_rows([(b"globex", b"q", b"1"), (b"initech", b"q", b"2")])
         writer.stage([Counter(UsageKey("acme", day, "q"), 7), Counter(UsageKey("umbrella", day, "q"), 3)])
         merged = writer.merge()
-    assert (merged.rows_written, merged.rows_unchanged) == (4, 0)
+    assert (merged.rows_written, merged.rows_unchanged) == (6, 1)  # acme 5, 6, 7; globex's second read
     assert dict(query(f"SELECT merchant_id, quantity FROM {names.usage.quoted} WHERE merchant_id <> 'other'")) == {
-        "acme": 5, "globex": 1, "initech": 2, "umbrella": 3,
+        "acme": 7, "globex": 1, "initech": 2, "umbrella": 3,
     }  # fmt: skip
 
 
@@ -604,10 +605,34 @@ def test_a_day_with_rows_read_whole_is_compared_once_and_a_refused_row_costs_its
 
 
 @pytest.mark.usefixtures("merge_by")
-def test_a_key_staged_in_two_chunks_is_merged_once_and_planner_settings_are_left_as_found(pg_conn, pg_schema, query):
-    """SCAN may return a key twice, chunks apart; the day's comparison merges it once (its
-    latest read that differs from the stored row). Nested loops, turned off for the day
-    scan, are as the session had them afterwards."""
+@pytest.mark.parametrize("chunks_apart", [False, True], ids=["one-chunk", "chunks-apart"])
+def test_a_key_read_twice_with_a_drop_between_keeps_the_growth_read_before_it(pg_conn, pg_schema, query, chunks_apart):
+    """Stored 10; the run reads 15, then (the key deleted and counted again, SCAN returning it
+    a second time) 2. Read one after the other, the rules give 15 with offset 13: nothing
+    read is lost, and growth from 2 counts. (Found by an adversarial review: the day's one
+    comparison used to take the read 2 alone and keep 10, offset 8, losing the 5 read before
+    the drop; within a chunk the first read was kept, and growth after the drop lost.)"""
+    from usage_agg.sink import DayWriter, ensure_schema
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    day = dt.date(2025, 11, 1)
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_plain_rows([(b"acme", b"q", b"10")])
+        writer.merge()
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_plain_rows([(b"acme", b"q", b"15")])
+        if chunks_apart:
+            writer.end_chunk()
+        writer.stage_plain_rows([(b"acme", b"q", b"2")])
+        merged = writer.merge()
+    assert (merged.rows_written, merged.resets, merged.decreases_refused) == (2, 1, 1)
+    assert query(f"SELECT quantity, redis_offset FROM {names.usage.quoted}") == [(15, 13)]
+
+
+def test_a_key_staged_in_two_chunks_is_merged_read_by_read_and_planner_settings_are_left_as_found(pg_conn, pg_schema, query):
+    """SCAN may return a key twice, chunks apart; the day's comparison merges its reads one
+    after the other. Nested loops, turned off for the day scan, are as the session had them
+    afterwards."""
     import datetime as dt
 
     from usage_agg.sink import DayWriter, ensure_schema
@@ -628,7 +653,7 @@ def test_a_key_staged_in_two_chunks_is_merged_once_and_planner_settings_are_left
             with pg_conn.cursor() as cur:
                 cur.execute("SELECT current_setting('enable_nestloop')")
                 assert cur.fetchone()[0] == session_setting
-        assert (merged.rows_written, merged.rows_unchanged) == (1, 3)  # a key read twice counts twice, as ever
+        assert (merged.rows_written, merged.rows_unchanged) == (2, 2)  # each read written or unchanged once
         assert query(f"SELECT merchant_id, quantity FROM {names.usage.quoted} ORDER BY 1") == [
             ("acme", first_read + 2), ("globex", 1),
         ]  # fmt: skip
