@@ -218,8 +218,12 @@ class _Stage:
         refusing the block (a row already there, from a writer without the day's lock or a
         key read twice; a row it cannot store). They are then staged, and merged by the rules,
         which set a refused row aside; a row already there ends this way for the day.
+
+        Nor while rows wait in the stage: they were read before this block, and a key in
+        both must be merged in the order read (the block's newer read last), so the block
+        joins them in the stage until the chunk's merge.
         """
-        if not (self.copy_straight_in and self.plain_inserts):
+        if not (self.copy_straight_in and self.plain_inserts) or self.staged:
             return False
         columns, line = self.shape.direct_columns, self._direct_line
         source = self.writer._source.id
