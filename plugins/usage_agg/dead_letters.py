@@ -16,6 +16,9 @@ dismissed  ``resolution = 'dismissed'``                stays while its value is 
                                                        *reopened* (open, new) when it changes
 =========  ==========================================  =====================================
 
+A run that reads a key both clean and bad (SCAN returned it twice, and it changed between
+the reads) leaves its letter open; the next run that reads it clean marks it fixed.
+
 A letter is *new* (the run fails and alerts, once) when it was never seen, when its
 value or reason changed, or when it is bad again after being fixed. A letter marked fixed
 in this very transaction was open until then: its key was staged clean (:func:`resolve_fixed`)
@@ -115,6 +118,11 @@ def _letter_text(bad) -> str:
 def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str, hourly: bool = False) -> None:
     """Mark the open letters of this date fixed whose key (or hour field) is among the staged, clean counters.
 
+    A letter seen bad in this very transaction stays open: SCAN returned its key twice and
+    it changed between the reads, and the transaction cannot tell which read came last. A
+    run that reads it clean only fixes it; marking it fixed here could show a bad key as
+    fixed and alert on it as new at the next run.
+
     ``hourly``: the stage holds hours (``merchant_id, metric_type, hour``): a letter of the
     hourly hash itself, or of that field of it, is fixed.
     """
@@ -139,6 +147,7 @@ def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str
         UPDATE {errors_table} e SET resolved_at = now(), resolution = 'fixed'
         FROM ({digests}) c
         WHERE e.resolved_at IS NULL AND e.usage_date = %(day)s AND e.key_sha256 = c.key_sha256
+          AND e.last_seen <> now()
         """,
         {"day": usage_date, "day_text": usage_date.isoformat()},
     )

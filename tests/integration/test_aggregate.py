@@ -629,6 +629,39 @@ def test_a_key_read_twice_with_a_drop_between_keeps_the_growth_read_before_it(pg
     assert query(f"SELECT quantity, redis_offset FROM {names.usage.quoted}") == [(15, 13)]
 
 
+@pytest.mark.parametrize("chunks_apart", [False, True], ids=["one-chunk", "chunks-apart"])
+@pytest.mark.parametrize("clean_first", [True, False], ids=["clean-then-bad", "bad-then-clean"])
+def test_a_key_read_clean_and_bad_in_one_run_keeps_its_letter_open(pg_conn, pg_schema, query, clean_first, chunks_apart):
+    """SCAN returned a key twice and it changed between the reads: once clean, once bad. The
+    run cannot tell which read its letter should follow, so the letter stays open and known;
+    the next run that reads the key clean only marks it fixed. (Found by an adversarial
+    review: a clean read staged before the bad one marked the letter fixed at the merge, so
+    the key showed fixed while bad, and the next run alerted on it as new.)"""
+    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.source import BadKey
+
+    names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
+    day = dt.date(2025, 11, 1)
+    bad = BadKey(b"usage:acme:2025-11-01:q", "value is not a number", b"oops")
+    letter = f"SELECT resolution, times_seen FROM {names.errors.quoted}"
+    with DayWriter(pg_conn, names, day) as writer:
+        assert writer.record_bad_keys([bad]) == 1  # an earlier run met it: open, alerted once
+    with DayWriter(pg_conn, names, day) as writer:
+        reads = [lambda: writer.stage_plain_rows([(b"acme", b"q", b"5")]), lambda: writer.record_bad_keys([bad])]
+        for read in reads if clean_first else reversed(reads):
+            assert not read()  # nothing refused, nothing new
+            if chunks_apart:
+                writer.end_chunk()
+        writer.merge()
+    assert query(letter) == [(None, 2)]
+    with DayWriter(pg_conn, names, day) as writer:
+        assert writer.record_bad_keys([bad]) == 0  # still bad: known, no second alert
+    with DayWriter(pg_conn, names, day) as writer:
+        writer.stage_plain_rows([(b"acme", b"q", b"5")])
+        writer.merge()
+    assert query(letter) == [("fixed", 3)]
+
+
 @pytest.mark.parametrize("staged_first", ["counters", "escaped", "hours"])
 def test_a_new_days_rows_wait_in_the_stage_behind_rows_read_before_them(pg_conn, pg_schema, query, staged_first):
     """A day's first rows go straight into the table, but a block that had to be staged (a
