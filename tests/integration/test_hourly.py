@@ -134,6 +134,33 @@ def test_a_daily_total_that_differs_from_its_hours_is_counted_and_named(redis_cl
     assert result.hourly_mismatch_samples == [{"merchant_id": "acme", "metric_type": "queries", "daily": 7, "hourly_sum": 5}]
 
 
+class ScansTwice:
+    """The real client; SCAN and SSCAN return every key again after the last (Redis resizing its table)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def scan_iter(self, *args, **kwargs):
+        yield from self.client.scan_iter(*args, **kwargs)
+        yield from self.client.scan_iter(*args, **kwargs)
+
+    def sscan_iter(self, *args, **kwargs):
+        yield from self.client.sscan_iter(*args, **kwargs)
+        yield from self.client.sscan_iter(*args, **kwargs)
+
+
+def test_the_run_counts_reads_so_a_key_returned_twice_counts_twice(redis_client, pg_conn, table, query):
+    """The audit's counts are of reads, as the merge is: a key read twice is merged twice."""
+    track_usage(redis_client, "acme", "queries", 5, at=at(DAY, 3))
+    redis_client.incrby(build_key("acme", DAY, "queries"), 2)  # the day differs from its hours
+    result = aggregate_day(ScansTwice(redis_client), pg_conn, DAY, table=table, batch_size=1)
+    assert (result.keys_found, result.rows_written, result.rows_unchanged, result.hourly_mismatches) == (2, 1, 1, 2)
+    assert query(f"SELECT quantity, redis_offset FROM {table}") == [(7, 0)]
+
+
 def test_the_documented_protocol_works_from_any_client(redis_client, pg_conn, table, query):
     """The commands the README gives a writer in another language, sent as raw commands."""
     replies = []
