@@ -288,11 +288,33 @@ class _Stage:
 
     def _merged_once(self, params: dict) -> MergeResult:
         """Merge a stage that holds each counter once, and empty it."""
-        if self.staged > LOOKUP_ROWS and not self.was_empty:
-            result = self._merged_by_day_scan(params)
-        else:
-            result = self._merged_with_refusals(params)
+        result = self._compared(params)
         self.writer._cur.execute(f"TRUNCATE {self.table}")
+        self.staged = 0
+        return result
+
+    def _compared(self, params: dict) -> MergeResult:
+        """Merge a stage that holds each counter once, by lookups or by one scan of the stored day."""
+        if self.staged > LOOKUP_ROWS and not self.was_empty:
+            return self._merged_by_day_scan(params)
+        return self._merged_with_refusals(params)
+
+    def _merged_in_parts(
+        self, params: dict, held: str, parts: list[tuple[str, tuple]], merge_part: Callable[[dict], MergeResult]
+    ) -> MergeResult:
+        """Merge the rows held aside in ``held`` part by part: each of ``parts`` (a condition on
+        ``held`` and its parameters) is put back into the empty stage alone and merged by
+        ``merge_part``, in the order given. The rows wait in PostgreSQL, not in the worker."""
+        cur = self.writer._cur
+        result = MergeResult()
+        for condition, args in parts:
+            cur.execute(
+                f"INSERT INTO {self.table} ({self.columns}) SELECT {self.columns} FROM {held} WHERE {condition}", args
+            )
+            self.staged = cur.rowcount
+            if self.staged:
+                result.add(merge_part(params))
+                cur.execute(f"TRUNCATE {self.table}")
         self.staged = 0
         return result
 
@@ -316,18 +338,9 @@ class _Stage:
             f" row_number() OVER (PARTITION BY {self.key_columns} ORDER BY ctid) AS read_no FROM {self.table}"
         )
         cur.execute(f"TRUNCATE {self.table}")
-        result = MergeResult()
-        read_no = 1
-        while True:
-            cur.execute(
-                f"INSERT INTO {self.table} ({self.columns}) SELECT {self.columns} FROM {reads} WHERE read_no = %s",
-                (read_no,),
-            )
-            self.staged = cur.rowcount
-            if not self.staged:
-                break
-            result.add(self._merged_once(params))
-            read_no += 1
+        cur.execute(f"SELECT coalesce(max(read_no), 0) FROM {reads}")
+        rounds = [("read_no = %s", (read_no,)) for read_no in range(1, int(cur.fetchone()[0]) + 1)]
+        result = self._merged_in_parts(params, reads, rounds, self._compared)
         cur.execute(f"DROP TABLE {reads}")
         return result
 
@@ -387,19 +400,12 @@ class _Stage:
         self.create(cur)
         cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (held,))
         pages = int(cur.fetchone()[0])
-        result = MergeResult()
-        covered = 0
-        while covered <= pages:
-            cur.execute(
-                f"INSERT INTO {self.table} ({self.columns}) SELECT {self.columns} FROM {held}"
-                " WHERE ctid >= %s::tid AND ctid < %s::tid",
-                (f"({covered},0)", f"({covered + SLICE_PAGES},0)"),
-            )
-            covered += SLICE_PAGES
-            self.staged = cur.rowcount
-            if self.staged:
-                result.add(self._merged_with_refusals(params))
-                cur.execute(f"TRUNCATE {self.table}")
+        slices = [
+            ("ctid >= %s::tid AND ctid < %s::tid", (f"({first},0)", f"({first + SLICE_PAGES},0)"))
+            for first in range(0, pages, SLICE_PAGES)
+        ]
+        result = self._merged_in_parts(params, held, slices, self._merged_with_refusals)
+        covered = len(slices) * SLICE_PAGES
         cur.execute(f"SELECT count(*) FROM {held} WHERE ctid >= %s::tid", (f"({covered},0)",))
         if cur.fetchone()[0]:  # never: the slices cover every page the stage had
             raise RuntimeError(f"rows of {held} past page {covered} were not merged")
