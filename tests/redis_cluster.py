@@ -38,27 +38,13 @@ class LocalRedisCluster:
     def __init__(self, workdir: Path, primaries: int = 3):
         self.workdir = workdir
         self.ports = _free_ports(primaries)
-        self.processes: list[subprocess.Popen] = []
+        self.processes: dict[int, subprocess.Popen] = {}
 
     def start(self, timeout: float = 60) -> None:
         import redis
 
-        binary = redis_server_binary()
         for port in self.ports:
-            node_dir = self.workdir / str(port)
-            node_dir.mkdir(parents=True, exist_ok=True)
-            self.processes.append(
-                subprocess.Popen(
-                    [
-                        binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                        "--cluster-config-file", str(node_dir / "nodes.conf"), "--dir", str(node_dir),
-                        "--save", "", "--appendonly", "no", "--cluster-node-timeout", "5000",
-                    ],
-                    stdout=open(node_dir / "redis.log", "ab"),  # noqa: SIM115 - lives with the process
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )  # fmt: skip
+            self._spawn(port)
         deadline = time.monotonic() + timeout
         for port in self.ports:
             while not self._answers(port):
@@ -79,6 +65,47 @@ class LocalRedisCluster:
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster never reached cluster_state:ok")
             time.sleep(0.2)
+
+    def _spawn(self, port: int) -> None:
+        node_dir = self.workdir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.processes[port] = subprocess.Popen(
+            [
+                redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"), "--dir", str(node_dir),
+                "--save", "", "--appendonly", "no", "--cluster-node-timeout", "5000",
+            ],
+            stdout=open(node_dir / "redis.log", "ab"),  # noqa: SIM115 - lives with the process
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def restart_empty(self, port: int, timeout: float = 60) -> None:
+        """Kill one primary and start it again with its cluster config and no data (no
+        persistence): a new life, started empty, serving the same slots."""
+        process = self.processes.pop(port)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        self._spawn(port)
+        deadline = time.monotonic() + timeout
+        while not (self._answers(port) and all(self._cluster_ok(p) for p in self.ports)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster never recovered after restarting {port}")
+            time.sleep(0.2)
+
+    def port_of(self, key: str) -> int:
+        """The port of the primary serving ``key``'s slot."""
+        import redis
+
+        node = redis.Redis(port=self.ports[0])
+        slot = int(node.execute_command("CLUSTER KEYSLOT", key))
+        try:
+            for first, last, (_, port, *_), *_ in node.execute_command("CLUSTER SLOTS"):
+                if first <= slot <= last:
+                    return int(port)
+        finally:
+            node.close()
+        raise RuntimeError(f"no primary serves slot {slot}")
 
     @staticmethod
     def _answers(port: int) -> bool:
@@ -101,7 +128,7 @@ class LocalRedisCluster:
         return RedisCluster(host="127.0.0.1", port=self.ports[0])
 
     def stop(self) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             try:
                 os.killpg(process.pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -153,3 +153,53 @@ def test_a_fanned_out_day_counts_as_aggregated_once_every_part_succeeded(cluster
     aggregate_day(cluster_client, pg_conn, DAY, table=table, partition=parts[-1], partition_count=3, audit=audit)
     aggregated = {d.usage_date: d.aggregated for d in check_expiry(cluster_client, pg_conn, table=table, today=DAY).days}
     assert aggregated[DAY.isoformat()] is True
+
+
+# -- resets on a cluster: each primary has lives of its own -----------------------------
+
+
+@pytest.fixture
+def own_cluster(tmp_path):
+    """A cluster of this test's own, whose primaries it may restart."""
+    from tests.redis_cluster import LocalRedisCluster
+
+    cluster = LocalRedisCluster(tmp_path)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.parametrize("restarted", ["daily-counters-primary", "hourly-hashs-primary"])
+def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluster, pg_conn, table, query, restarted):
+    """A key's hourly hash hashes to another slot than its daily counter, here on another
+    primary, whose life is not the counter's. (Found by an adversarial review: the hours took
+    the counter's primary's life, so its restart counted an hour twice, 10 + 13 = 23.) Hours
+    read on a cluster take no life: a lower hour is a drop, which keeps what was counted."""
+    import time
+
+    from usage_agg.keys import hourly_key
+
+    merchant = next(
+        f"m{n}" for n in range(1000)
+        if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) != own_cluster.port_of(hourly_key(f"m{n}", DAY, "q"))
+    )  # fmt: skip
+    at = dt.datetime(2025, 11, 1, 10, 30, tzinfo=dt.timezone.utc)
+    client = own_cluster.client()
+    track_usage(client, merchant, "q", 10, at=at)
+    aggregate_day(client, pg_conn, DAY, table=table)
+    client.close()
+    time.sleep(2.5)  # a restart within two seconds of the last read is taken as a drop (test_resets.py)
+    key = build_key(merchant, DAY, "q") if restarted == "daily-counters-primary" else hourly_key(merchant, DAY, "q")
+    own_cluster.restart_empty(own_cluster.port_of(key))
+    client = own_cluster.client()
+    track_usage(client, merchant, "q", 3, at=at)
+    result = aggregate_day(client, pg_conn, DAY, table=table)
+    client.close()
+    daily = query(f"SELECT quantity, redis_offset FROM {table}")
+    hour = query(f"SELECT quantity, redis_offset FROM {table}_hourly")
+    if restarted == "daily-counters-primary":  # the counter restarted (10 + 3); the hash kept all 13
+        assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 10)], [(13, 0)], 1, 0)
+    else:  # the counter kept all 13; the hash's 3 are a drop below 10: 10 kept, growth after it counts
+        assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 0)], [(10, 7)], 0, 1)
