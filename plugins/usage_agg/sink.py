@@ -483,6 +483,13 @@ class DayWriter:
         self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)
 
     def __enter__(self) -> DayWriter:
+        if getattr(self.conn, "autocommit", False):
+            # Each statement would commit on its own: the day's lock, its stage and its
+            # all-or-nothing write would last one statement each.
+            raise ValueError(
+                f"the PostgreSQL connection is in autocommit mode; {self.names.usage} {self.usage_date} must be"
+                " written in one transaction: pass a connection with autocommit off"
+            )
         self._cur = self.conn.cursor()
         try:
             self._begin()

@@ -303,6 +303,19 @@ def test_an_injected_table_name_is_refused_before_any_sql(redis_client, pg_conn,
         aggregate_day(redis_client, pg_conn, DAY, table=f"{pg_schema}.x; DROP TABLE y")
 
 
+def test_an_autocommit_connection_is_refused_before_a_row_is_written(redis_client, pg_conn, table, query):
+    """In autocommit mode every statement would commit alone: the day's lock would last one
+    statement and a run failing part-way would leave part of the date written."""
+    seed(redis_client, {("acme", "queries"): 3})
+    pg_conn.autocommit = True
+    with pytest.raises(ValueError, match=f"autocommit mode; {table} 2025-11-01 must be written in one transaction"):
+        aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert rows(query, table) == {}
+    pg_conn.autocommit = False
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    assert rows(query, table) == {("acme", "queries"): 3}
+
+
 def test_writers_of_the_same_date_wait_for_each_other_bounded(redis_client, pg_conn, table, query):
     from tests.conftest import day_lock_held
 
