@@ -63,7 +63,8 @@ MUTANTS ?=
 mutation: services $(call venv,3.3)/installed
 	rm -rf build/mutation && mkdir -p build/mutation/src
 	cp -r plugins/usage_agg build/mutation/src/
-	cp -r tests dags plugins constraints pyproject.toml docker-compose.yaml Dockerfile build/mutation/
+	cp -r tests dags plugins constraints pyproject.toml docker-compose.yaml Dockerfile Makefile .pre-commit-config.yaml \
+		.ci tools README.md CHANGELOG.md LICENSE build/mutation/
 	find build/mutation -name __pycache__ -prune -exec rm -rf {} +
 	cd build/mutation && PYTEST_ADDOPTS="--reruns 2" ../../tools/airflow-env.sh 3.3 mutmut run --max-children 1 $(MUTANTS)
 	cd build/mutation && ../../tools/airflow-env.sh 3.3 python ../../tools/mutation_report.py ../../tests/mutation-equivalents.md

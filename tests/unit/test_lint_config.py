@@ -39,3 +39,17 @@ def test_make_lint_runs_ruff_and_mypy_over_plugins_dags_and_the_example():
 def test_ci_lints_before_it_tests():
     lines = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("make ")]
     assert lines.index("make lint") < lines.index("make test")
+
+
+def test_make_mutation_copies_every_file_the_unit_and_integration_tests_read():
+    """mutmut runs those tiers in a copy of the tree: a file they read that is not copied fails
+    its clean run before any mutant (as the Makefile's own pins once did)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    read = {"pyproject.toml", *project["project"]["license-files"]}
+    for tier in ("tests", "tests/unit", "tests/integration"):
+        for test_file in (ROOT / tier).glob("*.py"):
+            read |= {name.split("/")[0] for name in re.findall(r'ROOT / "([\w./-]+)"', test_file.read_text())}
+    recipe = MAKEFILE.split("\nmutation:", 1)[1].split("\n\n", 1)[0]
+    copied = set(recipe.split("cp -r ", 2)[2].split("build/mutation/", 1)[0].replace("\\\n", " ").split())
+    assert read - {"pyproject.toml", "tests"} <= set(project["tool"]["mutmut"]["also_copy"])  # mutmut copies those
+    assert read <= copied
