@@ -93,18 +93,42 @@ class LocalRedisCluster:
                 raise RuntimeError(f"the cluster never recovered after restarting {port}")
             time.sleep(0.2)
 
-    def port_of(self, key: str) -> int:
-        """The port of the primary serving ``key``'s slot."""
+    def migrate_slot(self, slot: int, to_port: int) -> None:
+        """Move one slot and its keys to another primary as a reshard does (``SETSLOT``,
+        ``MIGRATE``, which the receiving server runs as ``RESTORE-ASKING``)."""
         import redis
 
-        node = redis.Redis(port=self.ports[0])
-        slot = int(node.execute_command("CLUSTER KEYSLOT", key))
+        nodes = {port: redis.Redis(port=port) for port in self.ports}
         try:
+            ids = {port: node.execute_command("CLUSTER MYID").decode() for port, node in nodes.items()}
+            from_port = self._serving(slot)
+            nodes[to_port].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[from_port])
+            nodes[from_port].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[to_port])
+            while keys := nodes[from_port].execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
+                nodes[from_port].execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+            for node in nodes.values():
+                node.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+        finally:
+            for node in nodes.values():
+                node.close()
+
+    def port_of(self, key: str) -> int:
+        """The port of the primary serving ``key``'s slot."""
+        return self._serving(self.slot_of(key))
+
+    def slot_of(self, key: str) -> int:
+        import redis
+
+        with redis.Redis(port=self.ports[0]) as node:
+            return int(node.execute_command("CLUSTER KEYSLOT", key))
+
+    def _serving(self, slot: int) -> int:
+        import redis
+
+        with redis.Redis(port=self.ports[0]) as node:
             for first, last, (_, port, *_), *_ in node.execute_command("CLUSTER SLOTS"):
                 if first <= slot <= last:
                     return int(port)
-        finally:
-            node.close()
         raise RuntimeError(f"no primary serves slot {slot}")
 
     @staticmethod

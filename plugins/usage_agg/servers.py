@@ -24,7 +24,8 @@ _COPY_COMMANDS = ("cmdstat_restore", "cmdstat_restore-asking")
 
 
 class RedisRestartedDuringRun(RuntimeError):
-    """The server's run_id changed while a day was read: its values mix two lives. Transient."""
+    """The server's life changed while a day was read (it restarted, or, started empty, took in keys
+    from elsewhere): its values mix two lives. Transient."""
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,22 @@ def read_incarnations(client, partition: str | None = None) -> dict[str, RedisIn
 
 
 def check_unchanged(client, before: dict[str, RedisIncarnation], partition: str | None = None) -> None:
-    """Raise :class:`RedisRestartedDuringRun` if a server restarted since ``before`` was read."""
+    """Raise :class:`RedisRestartedDuringRun` if a server restarted since ``before`` was read,
+    or if a server that had started empty received keys from elsewhere since (``MIGRATE``
+    during a cluster reshard): its values may then include what another server's rows
+    already hold, and the run must not take them for counts begun from zero."""
     for address, node in node_clients(client, partition).items():
-        run_id = str(node.info("server")["run_id"])
-        if address in before and run_id != before[address].run_id:
+        if address not in before:
+            continue
+        now = read_incarnation(node, address)
+        if now.run_id != before[address].run_id:
             raise RedisRestartedDuringRun(
                 f"Redis at {address} restarted while the day was read (run_id {before[address].run_id} -> "
-                f"{run_id}); nothing of this run is committed, and the retry reads the new server"
+                f"{now.run_id}); nothing of this run is committed, and the retry reads the new server"
+            )
+        if before[address].started_empty and not now.started_empty:
+            raise RedisRestartedDuringRun(
+                f"Redis at {address} started empty, and received keys from elsewhere (MIGRATE or RESTORE, a "
+                "cluster reshard?) while the day was read; nothing of this run is committed, and the retry "
+                "no longer takes its values for counts begun from zero"
             )

@@ -102,7 +102,8 @@ def register_incarnations(
                         (run_id, address, started_at, started_empty, first_seen, last_seen)
                     VALUES (%(run_id)s, %(address)s, %(started_at)s, %(started_empty)s, %(seen)s, %(seen)s)
                     ON CONFLICT (run_id) DO UPDATE
-                       SET last_seen = greatest(i.last_seen, EXCLUDED.last_seen), address = EXCLUDED.address
+                       SET last_seen = greatest(i.last_seen, EXCLUDED.last_seen), address = EXCLUDED.address,
+                           started_empty = i.started_empty AND EXCLUDED.started_empty
                     RETURNING id""",
                 {**life.__dict__, "seen": life.seen_at},
             )

@@ -203,3 +203,45 @@ def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluste
         assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 10)], [(13, 0)], 1, 0)
     else:  # the counter kept all 13; the hash's 3 are a drop below 10: 10 kept, growth after it counts
         assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 0)], [(10, 7)], 0, 1)
+
+
+@pytest.mark.parametrize("part", [True, False], ids=["its-part", "whole-day"])
+def test_keys_moved_onto_a_primary_that_started_empty_are_not_a_restart(
+    own_cluster, pg_conn, table, query, monkeypatch, part
+):
+    """A primary restarted empty, and a reshard moves a counted key onto it while a run reads
+    the day. (Found by an adversarial review: the run took the moved 10 for counts begun
+    from zero on the restarted primary and stored 10 + 10.) The run sees that the primary
+    took in keys (MIGRATE) since it was noted, commits nothing, and its retry keeps 10."""
+    import time
+
+    import usage_agg.aggregate as aggregate_module
+    from usage_agg.servers import RedisRestartedDuringRun
+
+    first, *others = sorted(own_cluster.ports)  # noted first: the others' lives are then still the old ones
+    merchant = next(f"m{n}" for n in range(1000) if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) in others)
+    key = build_key(merchant, DAY, "q")
+    client = own_cluster.client()
+    track_usage(client, merchant, "q", 10, usage_date=DAY)
+    aggregate_day(client, pg_conn, DAY, table=table)
+    time.sleep(2.5)  # a restart within two seconds of the last read is taken as a drop (test_resets.py)
+    own_cluster.restart_empty(first)
+    noted = aggregate_module.register_incarnations
+
+    def noted_then_resharded(*args, **kwargs):
+        sources = noted(*args, **kwargs)
+        own_cluster.migrate_slot(own_cluster.slot_of(key), first)
+        return sources
+
+    monkeypatch.setattr(aggregate_module, "register_incarnations", noted_then_resharded)
+    scope = {"partition": f"127.0.0.1:{first}", "partition_count": 3} if part else {}
+    with pytest.raises(RedisRestartedDuringRun, match="started empty, and received keys from elsewhere"):
+        aggregate_day(client, pg_conn, DAY, table=table, discovery="scan", **scope)
+    assert query(f"SELECT quantity, redis_offset FROM {table}") == [(10, 0)]
+    monkeypatch.undo()
+    client.close()
+    client = own_cluster.client()
+    retry = aggregate_day(client, pg_conn, DAY, table=table, discovery="scan", **scope)
+    client.close()
+    assert (retry.keys_found, retry.resets) == (1, 0)
+    assert query(f"SELECT quantity, redis_offset FROM {table}") == [(10, 0)]
