@@ -17,7 +17,7 @@ from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
 from usage_agg.keys import HOURLY_PREFIX, parse_date
 from usage_agg.options import AggregationOptions
-from usage_agg.partitions import is_cluster
+from usage_agg.partitions import check_layout_unchanged, is_cluster, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import check_unchanged, read_incarnations
@@ -202,6 +202,7 @@ def _aggregate_in_one_transaction(
     # Which life of which Redis server is read: noted before the day's transaction (in
     # one of its own), checked again before commit, so a restart mid-run fails the run.
     servers = read_incarnations(redis_client, options.partition)
+    layout = part_layout(redis_client, options.partition)
     sources = register_incarnations(pg_conn, names, servers, options.lock_timeout)
     # The reader may run a whole chunk ahead: while PostgreSQL merges one chunk, Redis is
     # read for the next (a few MB of batches at most).
@@ -256,6 +257,7 @@ def _aggregate_in_one_transaction(
         if writer.staged or result.keys_found == 0:
             merged(writer.merge())
         check_unchanged(redis_client, servers, options.partition)
+        check_layout_unchanged(redis_client, options.partition, layout)
         result.unannounced_writes = writer.earlier_writes_unannounced()
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
 

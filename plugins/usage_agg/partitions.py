@@ -36,3 +36,51 @@ def partition_node(client, partition: str | None):
             return node
     names = ", ".join(sorted(node.name for node in primaries))
     raise ValueError(f"redis_partition: {partition!r} is not a primary of this cluster ({names})")
+
+
+class RedisReshardedDuringRun(RuntimeError):
+    """A part's primary took, gave or was moving slots while the part was read. Transient."""
+
+
+def part_layout(client, partition: str | None) -> str | None:
+    """The slots a part's primary serves, as the primary itself says (``CLUSTER NODES``), with
+    any slot it is moving in or out (``[slot->-node]``, ``[slot-<-node]``). ``None`` for a
+    whole-day read or a single node: nothing else reads its keys at the same time.
+
+    Parts of a day commit apart; a slot moving between two primaries while their parts read
+    could have one key read by both, and an older read merged after a newer one looks like
+    a drop. A part whose layout is not the same, and still, from its start to its commit
+    commits nothing (:func:`check_layout_unchanged`).
+    """
+    node = partition_node(client, partition)
+    if node is None:
+        return None
+    reply = client.get_redis_connection(node).execute_command("CLUSTER", "NODES")  # raw: no parser's shape
+    for line in (reply.decode() if isinstance(reply, bytes) else reply).splitlines():
+        fields = line.split()
+        if "myself" in fields[2].split(","):
+            return " ".join(fields[8:])
+    raise RuntimeError(f"CLUSTER NODES of {partition} names no node as itself")
+
+
+def served_slots(layout: str) -> set[int]:
+    """The slots a :func:`part_layout` serves (a slot moving in or out is not yet, or still, served)."""
+    slots: set[int] = set()
+    for item in layout.split():
+        if not item.startswith("["):
+            first, _, last = item.partition("-")
+            slots.update(range(int(first), int(last or first) + 1))
+    return slots
+
+
+def check_layout_unchanged(client, partition: str | None, before: str | None) -> None:
+    """Raise :class:`RedisReshardedDuringRun` if the part's slots moved since ``before`` (or were moving then)."""
+    if before is None:
+        return
+    now = part_layout(client, partition)
+    if now != before or "[" in before:
+        raise RedisReshardedDuringRun(
+            f"the slots of Redis Cluster primary {partition} moved while its part was read ({before or 'none'} ->"
+            f" {now or 'none'}): a key may have been read by two parts; nothing of this part is committed, and"
+            " the retry reads the new layout"
+        )

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from redis.crc import key_slot
+
 from usage_agg.keys import (
     BadKeyError,
     UsageKey,
@@ -27,7 +29,7 @@ from usage_agg.keys import (
     parse_quantity,
     split_keys_of_day,
 )
-from usage_agg.partitions import is_cluster, node_address, partition_node
+from usage_agg.partitions import is_cluster, node_address, part_layout, partition_node, served_slots
 
 DISCOVERY_MODES = ("auto", "index", "scan")
 DEFAULT_BATCH_SIZE = 5_000
@@ -160,8 +162,9 @@ def read_day(
     node = partition_node(client, partition)
     if method == "index":
         keys = client.sscan_iter(index_key(usage_date), match=pattern, count=scan_count)
-        if node is not None:  # the index lives in one slot: keep this primary's keys
-            keys = (key for key in keys if client.get_node_from_key(key).name == node.name)
+        if node is not None:  # the index lives in one slot: keep the keys of the slots this primary says it serves
+            served = served_slots(part_layout(client, partition) or "")
+            keys = (key for key in keys if key_slot(_as_bytes(key)) in served)
     elif node is not None:
         keys = client.scan_iter(match=pattern, count=scan_count, target_nodes=node)
     else:

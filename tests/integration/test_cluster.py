@@ -245,3 +245,53 @@ def test_keys_moved_onto_a_primary_that_started_empty_are_not_a_restart(
     client.close()
     assert (retry.keys_found, retry.resets) == (1, 0)
     assert query(f"SELECT quantity, redis_offset FROM {table}") == [(10, 0)]
+
+
+@pytest.mark.parametrize("discovery", ["scan", "index"])
+def test_a_part_whose_slots_moved_while_it_read_commits_nothing(own_cluster, pg_conn, pg_schema, table, query, monkeypatch, discovery):
+    """Parts of a day commit apart. A slot moving from one part's primary to another's while
+    they read can have a key read by both, and the older read merged after the newer. (Found
+    by an adversarial review: stored 10; part B read 11; the slot moved and the key grew to
+    13; part A read 13 and committed; part B merged its 11 as a drop, (13, 2), and the next
+    run stored 15.) A part whose primary's slots moved while it read commits nothing, and is
+    retried."""
+    import usage_agg.source as source_module
+    from tests.conftest import pg_connect
+    from usage_agg.partitions import RedisReshardedDuringRun
+
+    port_a, port_b = own_cluster.ports[:2]
+    merchant = next(f"m{n}" for n in range(1000) if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) == port_b)
+    key = build_key(merchant, DAY, "q")
+    client = own_cluster.client()
+    track_usage(client, merchant, "q", 10, usage_date=DAY)
+    aggregate_day(client, pg_conn, DAY, table=table, discovery=discovery)
+    track_usage(client, merchant, "q", 1, usage_date=DAY)
+    part = {"discovery": discovery, "partition_count": 3}
+    read_values, reads = source_module._read_values, []
+
+    def read_then_reshard(redis_client, raw_keys):
+        values = read_values(redis_client, raw_keys)
+        reads.append(raw_keys)
+        if len(reads) == 1:  # part B has read 11: the slot moves to A, the key grows, A's part commits
+            own_cluster.migrate_slot(own_cluster.slot_of(key), port_a)
+            other, other_conn = own_cluster.client(), pg_connect()
+            try:
+                track_usage(other, merchant, "q", 2, usage_date=DAY)
+                aggregate_day(other, other_conn, DAY, table=table, partition=f"127.0.0.1:{port_a}", **part)
+            finally:
+                other.close()
+                other_conn.close()
+        return values
+
+    monkeypatch.setattr(source_module, "_read_values", read_then_reshard)
+    with pytest.raises(RedisReshardedDuringRun, match=f"primary 127.0.0.1:{port_b} moved while its part was read"):
+        aggregate_day(client, pg_conn, DAY, table=table, partition=f"127.0.0.1:{port_b}", **part)
+    assert query(f"SELECT quantity, redis_offset FROM {table}") == [(13, 0)]
+    monkeypatch.undo()
+    client.close()
+    client = own_cluster.client()
+    for port in own_cluster.ports:  # the retry, and the next run of every part
+        aggregate_day(client, pg_conn, DAY, table=table, partition=f"127.0.0.1:{port}", **part)
+    aggregate_day(client, pg_conn, DAY, table=table, discovery=discovery)
+    client.close()
+    assert query(f"SELECT quantity, redis_offset FROM {table}") == [(13, 0)]

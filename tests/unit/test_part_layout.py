@@ -1,0 +1,64 @@
+"""A part's slot layout, as a cluster primary reports it in ``CLUSTER NODES``.
+
+A stub stands in for the cluster here: what is tested is the reading of the reply (a real
+reshard during a part's read is in tests/integration/test_cluster.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from usage_agg.partitions import RedisReshardedDuringRun, check_layout_unchanged, part_layout, served_slots
+
+OTHER = b"af19 127.0.0.1:7001@17001 master - 0 1796088499000 0 connected 5461-10921\n"
+
+
+class Node:
+    name = "127.0.0.1:7000"
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+
+    def execute_command(self, *args):
+        assert args == ("CLUSTER", "NODES")
+        return OTHER + b"19c3 127.0.0.1:7000@17000 myself,master - 0 0 2 connected " + self.replies.pop(0) + b"\n"
+
+
+class RedisCluster:  # the name is how the package tells a cluster client
+    def __init__(self, *replies):
+        self.node = Node(replies)
+
+    def get_primaries(self):
+        return [self.node]
+
+    def get_redis_connection(self, node):
+        return node
+
+
+def test_the_layout_is_the_primarys_own_line():
+    assert part_layout(RedisCluster(b"0-5460 5462"), "127.0.0.1:7000") == "0-5460 5462"
+    assert part_layout(RedisCluster(b""), None) is None  # a whole-day read: no part to watch
+
+
+def test_served_slots_leave_out_slots_moving_in():
+    assert served_slots("0-2 5 [7-<-abc] [2->-def]") == {0, 1, 2, 5}
+    assert served_slots("") == set()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "moved"),
+    [
+        (b"0-5460", b"0-5460", False),
+        (b"0-5460", b"0-5459", True),  # gave a slot away
+        (b"0-5460", b"0-5460 [5461-<-af19]", True),  # taking one in
+        (b"0-5460 [5460->-af19]", b"0-5460 [5460->-af19]", True),  # was moving one when the part began
+    ],
+)
+def test_a_part_whose_slots_moved_commits_nothing(before, after, moved):
+    client = RedisCluster(before, after)
+    layout = part_layout(client, "127.0.0.1:7000")
+    if not moved:
+        check_layout_unchanged(client, "127.0.0.1:7000", layout)
+        return
+    with pytest.raises(RedisReshardedDuringRun, match="^the slots of Redis Cluster primary 127.0.0.1:7000 moved"):
+        check_layout_unchanged(client, "127.0.0.1:7000", layout)
