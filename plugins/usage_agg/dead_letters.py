@@ -115,7 +115,7 @@ def _letter_text(bad) -> str:
     return text if bad.field is None else f"{text} field {key_text(bad.field)}"
 
 
-def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str, hourly: bool = False) -> None:
+def resolve_fixed(cur, errors_table: str, usage_date: dt.date, staged_table: str, hourly: bool) -> None:
     """Mark the open letters of this date fixed whose key (or hour field) is among the staged, clean counters.
 
     A letter seen bad in this very transaction stays open: SCAN returned its key twice and

@@ -111,6 +111,8 @@ def test_bad_hourly_hashes_and_fields_are_dead_lettered_and_block_nothing(redis_
         f"{hours} field 24", f"{hours} field 7", f"{hours} field 05", hourly_key("globex", DAY, "queries"),
     }  # fmt: skip
     assert "is not one of 00 to 23" in letters[f"{hours} field 24"]
+    fields = query(f"SELECT hash_field FROM {pg_schema}.usage_aggregation_errors WHERE hash_field IS NOT NULL")
+    assert sorted(bytes(f) for f, in fields) == [b"05", b"24", b"7"]  # the hash itself has none
     assert "not a hash of hourly counts" in letters[hourly_key("globex", DAY, "queries")]
     assert aggregate_day(redis_client, pg_conn, DAY, table=table).new_bad_keys == 0  # known: no new alert
 

@@ -288,6 +288,22 @@ def test_an_invalid_utf8_key_and_its_escaped_lookalike_have_a_letter_each(redis_
     assert (third.bad_keys, third.new_bad_keys) == (1, 0)
 
 
+def test_a_long_bad_key_is_shown_shortened_and_kept_apart_by_its_digest(redis_client, pg_conn, table, pg_schema, query):
+    """A letter shows the first 4,096 bytes of a key and says how long it was; a key of exactly
+    that length is shown whole. Two keys alike in those bytes are two letters."""
+    from usage_agg.dead_letters import KEY_PREVIEW
+
+    exact = b"usage:" + b"m" * (KEY_PREVIEW - len(b"usage::2025-11-01:q")) + b":2025-11-01:q"
+    longer = [b"usage:" + b"m" * 5000 + tail for tail in (b"a:2025-11-01:q", b"b:2025-11-01:q")]
+    for key in (exact, *longer):
+        redis_client.set(key, 1)
+    assert len(exact) == KEY_PREVIEW
+    assert aggregate_day(redis_client, pg_conn, DAY, table=table).new_bad_keys == 3
+    letters = query(f"SELECT redis_key, octet_length(raw_key) FROM {pg_schema}.usage_aggregation_errors ORDER BY 1")
+    preview = longer[0][:KEY_PREVIEW].decode()
+    assert letters == [(exact.decode(), KEY_PREVIEW)] + [(f"{preview}... ({len(longer[0])} bytes)", KEY_PREVIEW)] * 2
+
+
 @pytest.mark.parametrize("day_has_rows", [False, True])
 def test_dead_letter_life_cycle(redis_client, pg_conn, table, pg_schema, query, day_has_rows):
     letters = f"{pg_schema}.usage_aggregation_errors"
