@@ -21,7 +21,7 @@ from usage_agg.partitions import check_layout_unchanged, is_cluster, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import check_unchanged, read_incarnations
-from usage_agg.sink import DayWriter, MergeResult, Source, register_incarnations
+from usage_agg.sink import DayWriter, MergeResult, Source, refuse_autocommit, register_incarnations
 from usage_agg.source import discovery_method, read_day
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,7 @@ def aggregate_day(
     options = AggregationOptions(**settings) if options is None else options.replace(**settings)
     day = parse_date(usage_date)
     merchant_id, table, partition = options.merchant_id, options.table, options.partition
+    refuse_autocommit(pg_conn, f"{table} {day}")  # before the schema, the Redis lives or the audit are written
     try:
         names = ensure_schema(pg_conn, table) if options.create_schema else resolve_names(pg_conn, table)
         method = discovery_method(redis_client, day, options.discovery, merchant_id, warn=logger.warning)

@@ -44,13 +44,15 @@ class RedisReshardedDuringRun(RuntimeError):
 
 def part_layout(client, partition: str | None) -> str | None:
     """The slots a part's primary serves, as the primary itself says (``CLUSTER NODES``), with
-    any slot it is moving in or out (``[slot->-node]``, ``[slot-<-node]``). ``None`` for a
-    whole-day read or a single node: nothing else reads its keys at the same time.
+    any slot it is moving in or out (``[slot->-node]``, ``[slot-<-node]``), after its config
+    epoch. ``None`` for a whole-day read or a single node: nothing else reads its keys at the
+    same time.
 
     Parts of a day commit apart; a slot moving between two primaries while their parts read
     could have one key read by both, and an older read merged after a newer one looks like
     a drop. A part whose layout is not the same, and still, from its start to its commit
-    commits nothing (:func:`check_layout_unchanged`).
+    commits nothing (:func:`check_layout_unchanged`). The epoch tells a slot that moved away
+    and back: a primary taking a slot in bumps its config epoch, which never goes back.
     """
     node = partition_node(client, partition)
     if node is None:
@@ -59,14 +61,14 @@ def part_layout(client, partition: str | None) -> str | None:
     for line in (reply.decode() if isinstance(reply, bytes) else reply).splitlines():
         fields = line.split()
         if "myself" in fields[2].split(","):
-            return " ".join(fields[8:])
+            return f"epoch {fields[6]}: " + " ".join(fields[8:])
     raise RuntimeError(f"CLUSTER NODES of {partition} names no node as itself")
 
 
 def served_slots(layout: str) -> set[int]:
     """The slots a :func:`part_layout` serves (a slot moving in or out is not yet, or still, served)."""
     slots: set[int] = set()
-    for item in layout.split():
+    for item in layout.partition(": ")[2].split():
         if not item.startswith("["):
             first, _, last = item.partition("-")
             slots.update(range(int(first), int(last or first) + 1))

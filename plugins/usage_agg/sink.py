@@ -104,14 +104,16 @@ def register_incarnations(
                     ON CONFLICT (run_id) DO UPDATE
                        SET last_seen = greatest(i.last_seen, EXCLUDED.last_seen), address = EXCLUDED.address,
                            started_empty = i.started_empty AND EXCLUDED.started_empty
-                    RETURNING id""",
+                    RETURNING id, started_empty""",
                 {**life.__dict__, "seen": life.seen_at},
             )
-            own_id = cur.fetchone()[0]
+            # Started empty as every read of this life said: a read that saw keys taken in
+            # (RESTORE) is not undone by the statistics being reset (CONFIG RESETSTAT) since.
+            own_id, started_empty = cur.fetchone()
             cur.execute(
                 f"""SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM {names.incarnations.quoted}
                     WHERE %(empty)s AND id <> %(id)s AND last_seen < %(started_at)s""",
-                {"empty": life.started_empty, "id": own_id, "started_at": life.started_at},
+                {"empty": started_empty, "id": own_id, "started_at": life.started_at},
             )
             sources[address] = Source(own_id, tuple(cur.fetchone()[0]))
     conn.commit()
@@ -451,6 +453,17 @@ class _Stage:
         return result
 
 
+def refuse_autocommit(conn, what: str) -> None:
+    """Raise ValueError for a connection in autocommit mode: each statement would commit on
+    its own, so the day's lock, its stage and its all-or-nothing write would last one
+    statement each."""
+    if getattr(conn, "autocommit", False):
+        raise ValueError(
+            f"the PostgreSQL connection is in autocommit mode; {what} must be written in one transaction:"
+            " pass a connection with autocommit off"
+        )
+
+
 class DayWriter:
     """The transaction that writes one date; use as a context manager.
 
@@ -484,13 +497,7 @@ class DayWriter:
         self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)
 
     def __enter__(self) -> DayWriter:
-        if getattr(self.conn, "autocommit", False):
-            # Each statement would commit on its own: the day's lock, its stage and its
-            # all-or-nothing write would last one statement each.
-            raise ValueError(
-                f"the PostgreSQL connection is in autocommit mode; {self.names.usage} {self.usage_date} must be"
-                " written in one transaction: pass a connection with autocommit off"
-            )
+        refuse_autocommit(self.conn, f"{self.names.usage} {self.usage_date}")
         self._cur = self.conn.cursor()
         try:
             self._begin()

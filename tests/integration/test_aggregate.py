@@ -303,14 +303,21 @@ def test_an_injected_table_name_is_refused_before_any_sql(redis_client, pg_conn,
         aggregate_day(redis_client, pg_conn, DAY, table=f"{pg_schema}.x; DROP TABLE y")
 
 
-def test_an_autocommit_connection_is_refused_before_a_row_is_written(redis_client, pg_conn, table, query):
+def test_an_autocommit_connection_is_refused_before_anything_is_written(redis_client, pg_conn, pg_schema, table, query):
     """In autocommit mode every statement would commit alone: the day's lock would last one
-    statement and a run failing part-way would leave part of the date written."""
+    statement and a run failing part-way would leave part of the date written. Refused before
+    the schema, the Redis lives or a failed run's audit row are written (the adversarial review
+    found those written first), and by the writer itself for its other callers."""
+    from usage_agg.sink import DayWriter, ensure_schema
+
     seed(redis_client, {("acme", "queries"): 3})
     pg_conn.autocommit = True
     with pytest.raises(ValueError, match=f"autocommit mode; {table} 2025-11-01 must be written in one transaction"):
         aggregate_day(redis_client, pg_conn, DAY, table=table)
-    assert rows(query, table) == {}
+    assert query("SELECT to_regnamespace(%s)", (pg_schema,)) == [(None,)]
+    names = ensure_schema(pg_conn, table)
+    with pytest.raises(ValueError, match=f"autocommit mode; {names.usage} 2025-11-01 must be written"):
+        DayWriter(pg_conn, names, dt.date(2025, 11, 1)).__enter__()
     pg_conn.autocommit = False
     aggregate_day(redis_client, pg_conn, DAY, table=table)
     assert rows(query, table) == {("acme", "queries"): 3}

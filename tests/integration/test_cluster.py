@@ -247,14 +247,18 @@ def test_keys_moved_onto_a_primary_that_started_empty_are_not_a_restart(
     assert query(f"SELECT quantity, redis_offset FROM {table}") == [(10, 0)]
 
 
+@pytest.mark.parametrize("and_back", [False, True], ids=["moved", "moved-and-back"])
 @pytest.mark.parametrize("discovery", ["scan", "index"])
-def test_a_part_whose_slots_moved_while_it_read_commits_nothing(own_cluster, pg_conn, pg_schema, table, query, monkeypatch, discovery):
+def test_a_part_whose_slots_moved_while_it_read_commits_nothing(
+    own_cluster, pg_conn, pg_schema, table, query, monkeypatch, discovery, and_back
+):
     """Parts of a day commit apart. A slot moving from one part's primary to another's while
     they read can have a key read by both, and the older read merged after the newer. (Found
     by an adversarial review: stored 10; part B read 11; the slot moved and the key grew to
     13; part A read 13 and committed; part B merged its 11 as a drop, (13, 2), and the next
-    run stored 15.) A part whose primary's slots moved while it read commits nothing, and is
-    retried."""
+    run stored 15; with the slot moved back before part B's commit, its slots looked the same
+    at both ends.) A part whose primary's slots moved while it read commits nothing, and is
+    retried: its primary's config epoch, bumped by taking the slot back, tells that case."""
     import usage_agg.source as source_module
     from tests.conftest import pg_connect
     from usage_agg.partitions import RedisReshardedDuringRun
@@ -264,6 +268,8 @@ def test_a_part_whose_slots_moved_while_it_read_commits_nothing(own_cluster, pg_
     key = build_key(merchant, DAY, "q")
     client = own_cluster.client()
     track_usage(client, merchant, "q", 10, usage_date=DAY)
+    for port in (port_a, port_b):  # an earlier reshard: neither primary counts as started empty any more
+        own_cluster.migrate_slot(own_cluster.slot_of(key), port)
     aggregate_day(client, pg_conn, DAY, table=table, discovery=discovery)
     track_usage(client, merchant, "q", 1, usage_date=DAY)
     part = {"discovery": discovery, "partition_count": 3}
@@ -278,6 +284,8 @@ def test_a_part_whose_slots_moved_while_it_read_commits_nothing(own_cluster, pg_
             try:
                 track_usage(other, merchant, "q", 2, usage_date=DAY)
                 aggregate_day(other, other_conn, DAY, table=table, partition=f"127.0.0.1:{port_a}", **part)
+                if and_back:
+                    own_cluster.migrate_slot(own_cluster.slot_of(key), port_b)
             finally:
                 other.close()
                 other_conn.close()

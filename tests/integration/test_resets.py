@@ -195,6 +195,26 @@ def test_counters_copied_to_a_new_server_are_not_taken_for_a_restart(servers, pg
     assert totals(query, table) == {("acme", "queries"): (105, 0)}
 
 
+def test_keys_taken_in_stay_known_when_the_statistics_are_reset(servers, pg_conn, table, query):
+    """CONFIG RESETSTAT clears the RESTORE calls that told a server took keys in; what a run read
+    of it stays known. (Found by an adversarial review: a row left unchanged still named the
+    old server, the new one read as started empty again, and 100 + 105 was stored.)"""
+    old = servers()
+    old_client = old.client()
+    count(old_client, "acme", "queries", 100)
+    aggregate_day(old_client, pg_conn, DAY, table=table)
+    time.sleep(UPTIME_RESOLUTION)
+    new = servers()
+    new_client = new.client()
+    for key in old_client.scan_iter(match="usage*"):
+        old_client.migrate("127.0.0.1", new.port, key, 0, 5000)
+    assert aggregate_day(new_client, pg_conn, DAY, table=table).rows_unchanged == 1  # the row still names the old server
+    new_client.config_resetstat()
+    count(new_client, "acme", "queries", 5)
+    assert aggregate_day(new_client, pg_conn, DAY, table=table).resets == 0
+    assert totals(query, table) == {("acme", "queries"): (105, 0)}
+
+
 class RestartsDuringRead:
     """The real client; the server restarts (empty) between two batches of one run."""
 

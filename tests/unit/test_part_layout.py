@@ -21,7 +21,8 @@ class Node:
 
     def execute_command(self, *args):
         assert args == ("CLUSTER", "NODES")
-        return OTHER + b"19c3 127.0.0.1:7000@17000 myself,master - 0 0 2 connected " + self.replies.pop(0) + b"\n"
+        epoch, _, slots = self.replies.pop(0).partition(b" ")
+        return OTHER + b"19c3 127.0.0.1:7000@17000 myself,master - 0 0 " + epoch + b" connected " + slots + b"\n"
 
 
 class RedisCluster:  # the name is how the package tells a cluster client
@@ -36,22 +37,23 @@ class RedisCluster:  # the name is how the package tells a cluster client
 
 
 def test_the_layout_is_the_primarys_own_line():
-    assert part_layout(RedisCluster(b"0-5460 5462"), "127.0.0.1:7000") == "0-5460 5462"
-    assert part_layout(RedisCluster(b""), None) is None  # a whole-day read: no part to watch
+    assert part_layout(RedisCluster(b"2 0-5460 5462"), "127.0.0.1:7000") == "epoch 2: 0-5460 5462"
+    assert part_layout(RedisCluster(b"2 "), None) is None  # a whole-day read: no part to watch
 
 
 def test_served_slots_leave_out_slots_moving_in():
-    assert served_slots("0-2 5 [7-<-abc] [2->-def]") == {0, 1, 2, 5}
-    assert served_slots("") == set()
+    assert served_slots("epoch 3: 0-2 5 [7-<-abc] [2->-def]") == {0, 1, 2, 5}
+    assert served_slots("epoch 3: ") == served_slots("") == set()
 
 
 @pytest.mark.parametrize(
     ("before", "after", "moved"),
     [
-        (b"0-5460", b"0-5460", False),
-        (b"0-5460", b"0-5459", True),  # gave a slot away
-        (b"0-5460", b"0-5460 [5461-<-af19]", True),  # taking one in
-        (b"0-5460 [5460->-af19]", b"0-5460 [5460->-af19]", True),  # was moving one when the part began
+        (b"2 0-5460", b"2 0-5460", False),
+        (b"2 0-5460", b"2 0-5459", True),  # gave a slot away
+        (b"2 0-5460", b"2 0-5460 [5461-<-af19]", True),  # taking one in
+        (b"2 0-5460 [5460->-af19]", b"2 0-5460 [5460->-af19]", True),  # was moving one when the part began
+        (b"2 0-5460", b"4 0-5460", True),  # gave one away and took it back: the same slots, a new epoch
     ],
 )
 def test_a_part_whose_slots_moved_commits_nothing(before, after, moved):
