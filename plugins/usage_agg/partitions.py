@@ -82,7 +82,13 @@ def check_layout_unchanged(client, partition: str | None, before: str | None) ->
     now = part_layout(client, partition)
     if now != before or "[" in before:
         raise RedisReshardedDuringRun(
-            f"the slots of Redis Cluster primary {partition} moved while its part was read ({before or 'none'} ->"
-            f" {now or 'none'}): a key may have been read by two parts; nothing of this part is committed, and"
+            f"the slots of Redis Cluster primary {partition} moved while its part was read ({_shown(before)} ->"
+            f" {_shown(now)}): a key may have been read by two parts; nothing of this part is committed, and"
             " the retry reads the new layout"
         )
+
+
+def _shown(layout: str | None, limit: int = 200) -> str:
+    """A layout for an error message: a primary of many slot ranges is shortened."""
+    text = layout or "none"
+    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -64,3 +64,12 @@ def test_a_part_whose_slots_moved_commits_nothing(before, after, moved):
         return
     with pytest.raises(RedisReshardedDuringRun, match="^the slots of Redis Cluster primary 127.0.0.1:7000 moved"):
         check_layout_unchanged(client, "127.0.0.1:7000", layout)
+
+
+def test_a_long_layout_is_shortened_in_the_error():
+    ranges = " ".join(f"{n}" for n in range(0, 2000, 2)).encode()
+    client = RedisCluster(b"2 " + ranges, b"3 " + ranges)
+    layout = part_layout(client, "127.0.0.1:7000")
+    with pytest.raises(RedisReshardedDuringRun) as caught:
+        check_layout_unchanged(client, "127.0.0.1:7000", layout)
+    assert f"({layout[:200]}... -> epoch 3: 0 2 4" in str(caught.value) and len(str(caught.value)) < 700
