@@ -112,9 +112,28 @@ class LocalRedisCluster:
             for node in nodes.values():
                 node.close()
 
+    def reassign_slot(self, slot: int, to_port: int, timeout: float = 30) -> None:
+        """Give a slot to another primary by ``CLUSTER DELSLOTS``/``ADDSLOTS``, as an operator
+        may: its keys stay where they were, on a primary that no longer serves the slot."""
+        import redis
+
+        for port in self.ports:
+            with redis.Redis(port=port) as node:
+                node.execute_command("CLUSTER DELSLOTS", slot)
+        with redis.Redis(port=to_port) as node:
+            node.execute_command("CLUSTER ADDSLOTS", slot)
+        deadline = time.monotonic() + timeout
+        while not all(self._serving(slot, asking=port) == to_port for port in self.ports):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster never agreed that {to_port} serves slot {slot}")
+            time.sleep(0.1)
+
     def port_of(self, key: str) -> int:
         """The port of the primary serving ``key``'s slot."""
-        return self._serving(self.slot_of(key))
+        port = self._serving(self.slot_of(key))
+        if port is None:
+            raise RuntimeError(f"no primary serves {key!r}")
+        return port
 
     def slot_of(self, key: str) -> int:
         import redis
@@ -122,14 +141,15 @@ class LocalRedisCluster:
         with redis.Redis(port=self.ports[0]) as node:
             return int(node.execute_command("CLUSTER KEYSLOT", key))
 
-    def _serving(self, slot: int) -> int:
+    def _serving(self, slot: int, asking: int | None = None) -> int | None:
+        """The port of the primary serving ``slot``, as the first node (or ``asking``) sees it."""
         import redis
 
-        with redis.Redis(port=self.ports[0]) as node:
+        with redis.Redis(port=asking or self.ports[0]) as node:
             for first, last, (_, port, *_), *_ in node.execute_command("CLUSTER SLOTS"):
                 if first <= slot <= last:
                     return int(port)
-        raise RuntimeError(f"no primary serves slot {slot}")
+        return None
 
     @staticmethod
     def _answers(port: int) -> bool:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -20,8 +21,15 @@ from usage_agg.options import AggregationOptions
 from usage_agg.partitions import check_layout_unchanged, is_cluster, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
-from usage_agg.servers import check_unchanged, read_incarnations
-from usage_agg.sink import DayWriter, MergeResult, Source, refuse_autocommit, register_incarnations
+from usage_agg.servers import RedisTookKeysIn, check_unchanged, read_incarnations
+from usage_agg.sink import (
+    DayWriter,
+    MergeResult,
+    Source,
+    note_keys_taken_in,
+    refuse_autocommit,
+    register_incarnations,
+)
 from usage_agg.source import discovery_method, read_day
 
 log = logging.getLogger(__name__)
@@ -215,6 +223,7 @@ def _aggregate_in_one_transaction(
         depth=-(-MERGE_EVERY_ROWS // options.batch_size) + 1,
     )  # fmt: skip
     with (
+        _noting_keys_taken_in(pg_conn, names, logger),  # left last: after the day's transaction rolled back
         DayWriter(
             pg_conn,
             names,
@@ -261,6 +270,21 @@ def _aggregate_in_one_transaction(
         check_layout_unchanged(redis_client, options.partition, layout)
         result.unannounced_writes = writer.earlier_writes_unannounced()
         writer.record_run({**audit_base, **_counts(result), "outcome": _outcome(result)})
+
+
+@contextmanager
+def _noting_keys_taken_in(pg_conn, names, logger) -> Iterator[None]:
+    """A run that saw a server noted as started empty take keys in fails; record first, in a
+    transaction of its own, that the server did not start empty, so its retry never takes
+    those keys for counts begun from zero, whatever its statistics say by then."""
+    try:
+        yield
+    except RedisTookKeysIn as err:
+        try:
+            note_keys_taken_in(pg_conn, names, err.run_id)
+        except Exception as note_err:  # the run fails anyway; its retry reads the server again
+            logger.warning("Could not record that Redis took keys in: %s", describe(note_err, pg_conn))
+        raise
 
 
 def _add_mismatches(result: AggregationResult, batch) -> None:

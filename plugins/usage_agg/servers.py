@@ -28,6 +28,15 @@ class RedisRestartedDuringRun(RuntimeError):
     from elsewhere): its values mix two lives. Transient."""
 
 
+class RedisTookKeysIn(RedisRestartedDuringRun):
+    """A server noted as started empty took in keys from elsewhere (``MIGRATE``) while a day
+    was read. The caller records that this life did not start empty before the retry."""
+
+    def __init__(self, message: str, run_id: str) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+
+
 @dataclass(frozen=True)
 class RedisIncarnation:
     """One life of one Redis server (a primary, on a cluster)."""
@@ -103,8 +112,9 @@ def check_unchanged(client, before: dict[str, RedisIncarnation], partition: str 
                 f"{now.run_id}); nothing of this run is committed, and the retry reads the new server"
             )
         if before[address].started_empty and not now.started_empty:
-            raise RedisRestartedDuringRun(
+            raise RedisTookKeysIn(
                 f"Redis at {address} started empty, and received keys from elsewhere (MIGRATE or RESTORE, a "
                 "cluster reshard?) while the day was read; nothing of this run is committed, and the retry "
-                "no longer takes its values for counts begun from zero"
+                "no longer takes its values for counts begun from zero",
+                now.run_id,
             )

@@ -120,6 +120,15 @@ def register_incarnations(
     return sources
 
 
+def note_keys_taken_in(conn, names: SchemaNames, run_id: str) -> None:
+    """Record, in a transaction of its own, that a Redis life did not start empty after all
+    (a run saw it take keys in, and failed): statistics reset before the retry
+    (``CONFIG RESETSTAT``) cannot then make it look empty again."""
+    with conn.cursor() as cur:
+        cur.execute(f"UPDATE {names.incarnations.quoted} SET started_empty = false WHERE run_id = %s", (run_id,))
+    conn.commit()
+
+
 @dataclass
 class MergeResult:
     rows_written: int = 0

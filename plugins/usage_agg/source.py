@@ -162,13 +162,16 @@ def read_day(
     node = partition_node(client, partition)
     if method == "index":
         keys = client.sscan_iter(index_key(usage_date), match=pattern, count=scan_count)
-        if node is not None:  # the index lives in one slot: keep the keys of the slots this primary says it serves
-            served = served_slots(part_layout(client, partition) or "")
-            keys = (key for key in keys if key_slot(_as_bytes(key)) in served)
     elif node is not None:
         keys = client.scan_iter(match=pattern, count=scan_count, target_nodes=node)
     else:
         keys = client.scan_iter(match=pattern, count=scan_count)
+    if node is not None:
+        # The keys of the slots this primary says it serves: the index lives in one slot and
+        # names every primary's keys, and a primary may still hold keys of a slot it no longer
+        # serves (CLUSTER DELSLOTS, an aborted migration), whose values live elsewhere.
+        served = served_slots(part_layout(client, partition) or "")
+        keys = (key for key in keys if key_slot(_as_bytes(key)) in served)
     source = node.name if node is not None else node_address(client)
     read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
     pending: list[bytes] = []
