@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import redis_server_binary
@@ -134,6 +135,14 @@ class LocalRedisCluster:
         if port is None:
             raise RuntimeError(f"no primary serves {key!r}")
         return port
+
+    def merchant_where(self, wanted: Callable[[str], bool], tries: int = 1000) -> str:
+        """A merchant id (``m0``, ``m1``, ...) whose keys land where a test needs them:
+        ``wanted(merchant)`` asks, typically of :meth:`port_of` its keys."""
+        for n in range(tries):
+            if wanted(f"m{n}"):
+                return f"m{n}"
+        raise RuntimeError(f"none of {tries} merchant ids lands as wanted")
 
     def slot_of(self, key: str) -> int:
         import redis

@@ -13,6 +13,7 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
+from tests.redis_servers import UPTIME_RESOLUTION
 from usage_agg.aggregate import aggregate_day
 from usage_agg.expiry import check_expiry
 from usage_agg.keys import build_key
@@ -182,16 +183,15 @@ def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluste
 
     from usage_agg.keys import hourly_key
 
-    merchant = next(
-        f"m{n}" for n in range(1000)
-        if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) != own_cluster.port_of(hourly_key(f"m{n}", DAY, "q"))
-    )  # fmt: skip
+    merchant = own_cluster.merchant_where(
+        lambda m: own_cluster.port_of(build_key(m, DAY, "q")) != own_cluster.port_of(hourly_key(m, DAY, "q"))
+    )
     at = dt.datetime(2025, 11, 1, 10, 30, tzinfo=dt.timezone.utc)
     client = own_cluster.client()
     track_usage(client, merchant, "q", 10, at=at)
     aggregate_day(client, pg_conn, DAY, table=table)
     client.close()
-    time.sleep(2.5)  # a restart within two seconds of the last read is taken as a drop (test_resets.py)
+    time.sleep(UPTIME_RESOLUTION)  # a restart within two seconds of the last read is taken as a drop
     key = build_key(merchant, DAY, "q") if restarted == "daily-counters-primary" else hourly_key(merchant, DAY, "q")
     own_cluster.restart_empty(own_cluster.port_of(key))
     client = own_cluster.client()
@@ -220,12 +220,12 @@ def test_keys_moved_onto_a_primary_that_started_empty_are_not_a_restart(
     from usage_agg.servers import RedisRestartedDuringRun
 
     first, *others = sorted(own_cluster.ports)  # noted first: the others' lives are then still the old ones
-    merchant = next(f"m{n}" for n in range(1000) if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) in others)
+    merchant = own_cluster.merchant_where(lambda m: own_cluster.port_of(build_key(m, DAY, "q")) in others)
     key = build_key(merchant, DAY, "q")
     client = own_cluster.client()
     track_usage(client, merchant, "q", 10, usage_date=DAY)
     aggregate_day(client, pg_conn, DAY, table=table)
-    time.sleep(2.5)  # a restart within two seconds of the last read is taken as a drop (test_resets.py)
+    time.sleep(UPTIME_RESOLUTION)  # a restart within two seconds of the last read is taken as a drop
     own_cluster.restart_empty(first)
     noted = aggregate_module.register_incarnations
 
@@ -270,7 +270,7 @@ def test_a_part_whose_slots_moved_while_it_read_commits_nothing(
     from usage_agg.partitions import RedisReshardedDuringRun
 
     port_a, port_b = own_cluster.ports[:2]
-    merchant = next(f"m{n}" for n in range(1000) if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) == port_b)
+    merchant = own_cluster.merchant_where(lambda m: own_cluster.port_of(build_key(m, DAY, "q")) == port_b)
     key = build_key(merchant, DAY, "q")
     client = own_cluster.client()
     track_usage(client, merchant, "q", 10, usage_date=DAY)
@@ -318,7 +318,7 @@ def test_a_part_reads_no_key_its_primary_holds_for_a_slot_it_does_not_serve(own_
     primary met the key by SCAN and read its value from the second through the client's
     routing, so two parts read one key.) A part keeps the keys of the slots its primary serves."""
     port_a, port_b = own_cluster.ports[:2]
-    merchant = next(f"m{n}" for n in range(1000) if own_cluster.port_of(build_key(f"m{n}", DAY, "q")) == port_a)
+    merchant = own_cluster.merchant_where(lambda m: own_cluster.port_of(build_key(m, DAY, "q")) == port_a)
     key = build_key(merchant, DAY, "q")
     client = own_cluster.client()
     track_usage(client, merchant, "q", 7, usage_date=DAY)

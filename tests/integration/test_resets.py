@@ -12,18 +12,13 @@ import time
 import pytest
 import redis
 
-from tests.redis_servers import LocalRedisServer
+from tests.redis_servers import UPTIME_RESOLUTION, LocalRedisServer
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import build_key
 from usage_agg.servers import RedisRestartedDuringRun, read_incarnation
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"
-#: Redis tells its start to the second, and the package rounds it down a second more
-#: (servers.py): a restart within two seconds of the last read is taken for a rollback
-#: (the safe side), so these tests let more than two seconds pass first (1.2 s failed
-#: now and then when the first aggregation was quick).
-UPTIME_RESOLUTION = 2.2
 
 
 @pytest.fixture
