@@ -219,6 +219,7 @@ def _aggregate_in_one_transaction(
         lambda: read_day(
             redis_client, day, options.merchant_id, batch_size=options.batch_size, scan_count=options.scan_count,
             method=result.discovery, partition=options.partition, bulk=True, hourly=options.hourly,
+            layout=layout,
         ),
         depth=-(-MERGE_EVERY_ROWS // options.batch_size) + 1,
     )  # fmt: skip

@@ -133,6 +133,7 @@ def read_day(
     partition: str | None = None,
     bulk: bool = False,
     hourly: bool = False,
+    layout: str | None = None,
 ) -> Iterator[Batch]:
     """Yield the day's counters (and bad keys) batch by batch.
 
@@ -146,6 +147,9 @@ def read_day(
         :class:`Counter` objects: the aggregation's fast path for a whole day.
     :param hourly: also read each good key's hourly hash (its name derived from the
         key's, in one pipelined round trip per batch) into :attr:`Batch.hours`.
+    :param layout: ``partition``'s :func:`usage_agg.partitions.part_layout`, when the
+        caller noted it already (the aggregation checks the same layout before commit);
+        read from the primary when not given.
     """
     if batch_size < 1 or scan_count < 1:
         raise ValueError("batch_size and scan_count must be positive")
@@ -170,7 +174,7 @@ def read_day(
         # The keys of the slots this primary says it serves: the index lives in one slot and
         # names every primary's keys, and a primary may still hold keys of a slot it no longer
         # serves (CLUSTER DELSLOTS, an aborted migration), whose values live elsewhere.
-        served = served_slots(part_layout(client, partition) or "")
+        served = served_slots(layout or part_layout(client, partition) or "")
         keys = (key for key in keys if key_slot(_as_bytes(key)) in served)
     source = node.name if node is not None else node_address(client)
     read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch

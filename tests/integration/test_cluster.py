@@ -111,6 +111,30 @@ def test_the_parts_over_the_primaries_add_up_to_the_whole_day(cluster_client, pg
     assert sorted(r.redis_partition for r in results) == parts
 
 
+def test_a_part_filters_its_keys_by_the_layout_it_noted_at_its_start(cluster_client, pg_conn, table, monkeypatch):
+    """The layout a part checks before commit is the one its reader kept keys by: read once
+    at the start, passed to the reader, read again only for the check."""
+    import usage_agg.aggregate as aggregate_module
+    from usage_agg.partitions import part_layout
+    from usage_agg.source import read_day
+
+    seed(cluster_client, bad_keys=False)
+    part = redis_partitions(cluster_client)[0]
+    layout = part_layout(cluster_client, part)
+    assert list(read_day(cluster_client, DAY, partition=part, layout="epoch 0: ")) == []  # serves no slot
+    assert sum(len(b.counters) for b in read_day(cluster_client, DAY, partition=part, layout=layout)) > 0
+    layouts = []
+
+    def noted(client, partition):
+        layouts.append(part_layout(client, partition))
+        return layouts[-1]
+
+    monkeypatch.setattr(aggregate_module, "part_layout", noted)
+    monkeypatch.setattr("usage_agg.source.part_layout", lambda *a: pytest.fail("the reader read the layout again"))
+    result = aggregate_day(cluster_client, pg_conn, DAY, table=table, partition=part, partition_count=3)
+    assert result.keys_found > 0 and layouts == [layout]
+
+
 def test_a_single_node_is_one_part(redis_client):
     kwargs = redis_client.connection_pool.connection_kwargs
     assert redis_partitions(redis_client) == [f"{kwargs['host']}:{kwargs['port']}"]
