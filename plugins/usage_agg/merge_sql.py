@@ -62,11 +62,25 @@ HOURLY = RowShape(
 
 
 def next_offset(quantity: str, offset: str, source: str, redis: str) -> str:
-    """SQL: the offset a stored row takes for a new Redis value (the table in ``usage_agg.sink``)."""
+    """SQL: the offset a stored row takes for a new Redis value (the table in ``usage_agg.sink``).
+
+    The *rebase* arm: a row holding an offset (it was reset or dropped before) read from
+    another life of Redis that did not start empty. That life's values may predate the
+    reset (a snapshot restored after it, a replica that missed it) and then hold counts
+    the offset holds already; growth over the last read is not proof of new usage. The row
+    takes the larger of its total and the value, which counts nothing twice."""
     return f"""(CASE WHEN %(allow)s THEN 0
                      WHEN {source} = ANY(%(fresh)s::integer[]) THEN {quantity}
                      WHEN {redis} < {quantity} - {offset} THEN {quantity} - {redis}
+                     WHEN {changed_life(offset, source)} THEN GREATEST({quantity} - {redis}, 0)
                      ELSE {offset} END)"""
+
+
+def changed_life(offset: str, source: str) -> str:
+    """SQL: a row holding an offset, last read from another Redis life than the one read now
+    (``%(source)s``): it must take the new life even where its value is the same, or growth
+    later in this life would still be taken for a value of the old one."""
+    return f"({offset} <> 0 AND {source} IS DISTINCT FROM %(source)s::integer)"
 
 
 def _on_conflict(shape: RowShape) -> str:
@@ -81,7 +95,8 @@ def _on_conflict(shape: RowShape) -> str:
            redis_incarnation = EXCLUDED.redis_incarnation,
            updated_at = now()
      WHERE {offset}::numeric + {redis} <= {BIGINT_MAX}
-       AND ({offset} + {redis} <> t.quantity OR {offset} <> t.redis_offset)"""
+       AND ({offset} + {redis} <> t.quantity OR {offset} <> t.redis_offset
+            OR {changed_life("t.redis_offset", "t.redis_incarnation")})"""
 
 
 def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = False) -> str:
@@ -123,15 +138,18 @@ def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = 
         FROM {stage} s
         {stored}
         WHERE t.quantity IS NULL OR %(allow)s OR t.redis_incarnation = ANY(%(fresh)s::integer[])
-              OR s.quantity <> t.quantity - t.redis_offset
+              OR s.quantity <> t.quantity - t.redis_offset OR {changed_life("t.redis_offset", "t.redis_incarnation")}
     ),
     planned AS MATERIALIZED (
         SELECT *, next_offset::numeric + redis AS next_quantity,
-               stored IS NOT NULL AND next_offset::numeric + redis = stored AND next_offset = stored_offset AS unchanged
+               stored IS NOT NULL AND next_offset::numeric + redis = stored AND next_offset = stored_offset
+                   AND NOT {changed_life("stored_offset", "stored_source")} AS unchanged
         FROM (SELECT c.*,
                      CASE WHEN stored IS NULL OR %(allow)s THEN NULL
                           WHEN stored_source = ANY(%(fresh)s::integer[]) THEN 'restart'
-                          WHEN redis < stored - stored_offset THEN 'drop' END AS reset,
+                          WHEN redis < stored - stored_offset THEN 'drop'
+                          WHEN redis > stored - stored_offset AND {changed_life("stored_offset", "stored_source")}
+                              THEN 'rebase' END AS reset,
                      CASE WHEN stored IS NULL THEN 0
                           ELSE {next_offset("stored", "stored_offset", "stored_source", "redis")} END AS next_offset
               FROM compared c) p

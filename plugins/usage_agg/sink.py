@@ -14,25 +14,31 @@ is the Redis value last read, and ``redis_incarnation``, the Redis server life i
 read from (:mod:`usage_agg.servers`). For a new Redis value ``r``:
 
 ==========================================================  ==========================
-case                                                        the row becomes
+case (the first that applies)                               the row becomes
 ==========================================================  ==========================
 no row yet                                                  ``quantity = r``, offset 0
-``r >= v`` (growth, or nothing new)                         ``offset + r``
+``allow_decrease``                                          ``quantity = r``, offset 0:
+                                                            Redis is the truth
 the row's Redis life ended and the current one started      offset = quantity, so
 empty after it was read (a restart without persistence)     ``quantity + r``: all of
                                                             ``r`` is new (a *restart* reset)
-``r < v`` otherwise (eviction, failover to a lagging        offset = quantity - r, so
-replica, snapshot restore, a writer lowering it)            quantity unchanged (a *drop*
+``r < v`` (eviction, failover to a lagging replica,         offset = quantity - r, so
+snapshot restore, a writer lowering it)                     quantity unchanged (a *drop*
                                                             reset); growth after it counts
-``allow_decrease``                                          ``quantity = r``, offset 0:
-                                                            Redis is the truth
+``r > v``, the row holds an offset and was read from        quantity = max(quantity, r)
+another life, one that did not start empty (a snapshot      (a *rebase* reset); growth
+loaded, a replica promoted, keys moved in)                  after it counts
+``r >= v`` (growth, or nothing new)                         ``offset + r``
 ==========================================================  ==========================
 
 So a total never falls (unless ``allow_decrease``), and nothing is counted twice:
 after a drop, Redis may hold values already counted (a snapshot rolls values back,
-not to zero), so only growth after the drop is added. What a reset can lose is the
-growth between the reset and the next read, never what was already counted. A row
-whose value did not change is never rewritten.
+not to zero), so only growth after the drop is added; once a row holds an offset, a
+value of another life may predate the reset the offset stands for (a snapshot restored
+after an empty restart), so it is not taken for growth over the last read. What a
+reset can lose is the growth between the reset (or the life change) and the next read,
+never what was already counted. A row whose value did not change is never rewritten,
+except to take the current life where it holds an offset.
 
 Works on the DB-API connection of either driver that Airflow's ``PostgresHook``
 returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
@@ -135,7 +141,7 @@ class MergeResult:
     rows_unchanged: int = 0
     #: Redis values lower than the value last read, which did not lower the total
     decreases_refused: int = 0
-    #: rows whose counter was found reset (drops and restarts)
+    #: rows whose counter was found reset (restarts, drops and rebases)
     resets: int = 0
     reset_samples: list[dict] = field(default_factory=list)
     #: counters PostgreSQL refused (set aside as bad keys; the rest of the chunk is merged)
