@@ -282,3 +282,15 @@ def day_pattern(usage_date: str | dt.date, merchant_id: str | None = None) -> st
 def belongs_to(key: UsageKey, usage_date: dt.date, merchant_id: str | None) -> bool:
     """Whether a parsed key is one of the day (and merchant) being aggregated."""
     return key.usage_date == usage_date and (merchant_id is None or key.merchant_id == merchant_id)
+
+
+def bad_key_belongs_to(raw_key: bytes, day_text: str, merchant_id: str | None) -> bool:
+    """Whether a key that does not parse is one the run should report: any on a whole day's
+    run; on one merchant's run only ``usage:{merchant}:{day}:`` followed by no other ``:``
+    (a metric type has none). Any other key the merchant's pattern meets is another
+    merchant's, whose id begins with this one's and the date (``acme:2025-11-01:x``): the
+    day's whole runs report it, and one merchant's rerun neither records nor fails on it."""
+    if merchant_id is None:
+        return True
+    prefix = f"{KEY_PREFIX}{merchant_id}:{day_text}:".encode()
+    return raw_key.startswith(prefix) and b":" not in raw_key[len(prefix) :]

@@ -19,6 +19,7 @@ from usage_agg.keys import (
     BadKeyError,
     UsageKey,
     are_plain_quantities,
+    bad_key_belongs_to,
     belongs_to,
     day_pattern,
     hourly_keys_of,
@@ -270,7 +271,10 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
             try:
                 parsed = parse_key(raw_key)
             except BadKeyError as err:
-                to_read.append((raw_key, None, str(err)))
+                if bad_key_belongs_to(raw_key, day_text, merchant_id):
+                    to_read.append((raw_key, None, str(err)))
+                else:
+                    batch.foreign += 1
                 continue
         if belongs_to(parsed, usage_date, merchant_id):
             to_read.append((raw_key, parsed, None))

@@ -181,6 +181,25 @@ def test_a_merchant_rerun_touches_that_merchant_alone(redis_client, pg_conn, tab
     assert rows(query, table) == {(m, "queries"): (11 if m == merchant else 1) for m in MERCHANTS}
 
 
+def test_a_merchant_rerun_reports_its_own_bad_keys_and_not_anothers_that_its_pattern_meets(
+    redis_client, pg_conn, pg_schema, table, query
+):
+    """The pattern of merchant ``acme`` also meets the keys of merchant ``acme:2025-11-01:zz``.
+    (Found by an adversarial review: such a key with a bad date failed acme's rerun as a new
+    bad key of acme's.) It is another merchant's: acme's rerun leaves it to the whole day's
+    runs, which report it; a bad key of acme's own is still reported by the rerun."""
+    seed(redis_client, {("acme", "queries"): 5})
+    redis_client.set(b"usage:acme:2025-11-01:zz:2025-13-45:q", b"1")  # another merchant's, bad date
+    redis_client.set(b"usage:acme:2025-11-01:" + b"m" * 257, b"2")  # acme's, metric type too long
+    rerun = aggregate_day(redis_client, pg_conn, DAY, table=table, merchant_id="acme", discovery="scan")
+    assert (rerun.keys_found, rerun.rows_written, rerun.bad_keys) == (2, 1, 1)
+    letters = f"SELECT redis_key FROM {pg_schema}.usage_aggregation_errors ORDER BY redis_key"
+    assert [text for (text,) in query(letters)] == ["usage:acme:2025-11-01:" + "m" * 257]
+    whole = aggregate_day(redis_client, pg_conn, DAY, table=table, discovery="scan")
+    assert whole.bad_keys == 2
+    assert "usage:acme:2025-11-01:zz:2025-13-45:q" in [text for (text,) in query(letters)]
+
+
 UNICODE_AND_AWKWARD = ["café", "商户-42", "🛒shop", 'quote"d', "comma,id", "tab\tid", "new\nline", "\\.", "back\\slash"]
 
 
