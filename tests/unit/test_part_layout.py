@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from usage_agg.partitions import RedisReshardedDuringRun, check_layout_unchanged, part_layout, served_slots
+from usage_agg.partitions import (
+    RedisReshardedDuringRun,
+    check_layout_unchanged,
+    node_address,
+    part_layout,
+    partition_node,
+    served_slots,
+)
 
 OTHER = b"af19 127.0.0.1:7001@17001 master - 0 1796088499000 0 connected 5461-10921\n"
 
@@ -25,6 +32,13 @@ class Node:
         return OTHER + b"19c3 127.0.0.1:7000@17000 myself,master - 0 0 " + epoch + b" connected " + slots + b"\n"
 
 
+class DecodingNode(Node):
+    """A node of a client made with ``decode_responses=True``: replies are text."""
+
+    def execute_command(self, *args):
+        return super().execute_command(*args).decode()
+
+
 class RedisCluster:  # the name is how the package tells a cluster client
     def __init__(self, *replies):
         self.node = Node(replies)
@@ -39,6 +53,19 @@ class RedisCluster:  # the name is how the package tells a cluster client
 def test_the_layout_is_the_primarys_own_line():
     assert part_layout(RedisCluster(b"2 0-5460 5462"), "127.0.0.1:7000") == "epoch 2: 0-5460 5462"
     assert part_layout(RedisCluster(b"2 "), None) is None  # a whole-day read: no part to watch
+    decoding = RedisCluster()
+    decoding.node = DecodingNode([b"2 0-5460"])
+    assert part_layout(decoding, "127.0.0.1:7000") == "epoch 2: 0-5460"
+
+
+class Single:
+    def __init__(self, **connection_kwargs):
+        self.connection_pool = type("Pool", (), {"connection_kwargs": connection_kwargs})()
+
+
+def test_a_single_node_is_named_by_its_host_and_port_with_redis_pys_defaults():
+    assert node_address(Single(host="10.0.0.5", port=6380)) == "10.0.0.5:6380"
+    assert node_address(Single()) == "localhost:6379"
 
 
 def test_served_slots_leave_out_slots_moving_in():
@@ -62,8 +89,10 @@ def test_a_part_whose_slots_moved_commits_nothing(before, after, moved):
     if not moved:
         check_layout_unchanged(client, "127.0.0.1:7000", layout)
         return
-    with pytest.raises(RedisReshardedDuringRun, match="^the slots of Redis Cluster primary 127.0.0.1:7000 moved"):
+    with pytest.raises(RedisReshardedDuringRun, match="^the slots of Redis Cluster primary 127.0.0.1:7000 moved") as caught:
         check_layout_unchanged(client, "127.0.0.1:7000", layout)
+    assert str(caught.value).endswith("nothing of this part is committed, and the retry reads the new layout")
+    assert f"({layout} -> epoch" in str(caught.value)  # a short layout is shown whole
 
 
 def test_a_long_layout_is_shortened_in_the_error():
@@ -73,3 +102,32 @@ def test_a_long_layout_is_shortened_in_the_error():
     with pytest.raises(RedisReshardedDuringRun) as caught:
         check_layout_unchanged(client, "127.0.0.1:7000", layout)
     assert f"({layout[:200]}... -> epoch 3: 0 2 4" in str(caught.value) and len(str(caught.value)) < 700
+
+
+def test_a_layout_of_exactly_the_limit_is_shown_whole():
+    slots = b"1" * (200 - len("epoch 2: "))
+    client = RedisCluster(b"2 " + slots, b"3 " + slots)
+    layout = part_layout(client, "127.0.0.1:7000")
+    assert len(layout) == 200
+    with pytest.raises(RedisReshardedDuringRun) as caught:
+        check_layout_unchanged(client, "127.0.0.1:7000", layout)
+    assert f"({layout} -> epoch 3: " in str(caught.value) and "..." not in str(caught.value).split(" -> ")[0]
+
+
+def test_an_unknown_part_is_refused_with_the_primaries_named():
+    client = RedisCluster()
+    other = Node([])
+    other.name = "127.0.0.1:7001"
+    client.get_primaries = lambda: [client.node, other]
+    with pytest.raises(ValueError) as caught:
+        partition_node(client, "127.0.0.1:1")
+    assert str(caught.value) == (
+        "redis_partition: '127.0.0.1:1' is not a primary of this cluster (127.0.0.1:7000, 127.0.0.1:7001)"
+    )
+
+
+def test_a_reply_that_names_no_node_as_itself_is_an_error():
+    client = RedisCluster()
+    client.node.execute_command = lambda *args: OTHER
+    with pytest.raises(RuntimeError, match="^CLUSTER NODES of 127.0.0.1:7000 names no node as itself$"):
+        part_layout(client, "127.0.0.1:7000")
