@@ -41,6 +41,8 @@ class RedisTookKeysIn(RedisRestartedDuringRun):
 class RedisIncarnation:
     """One life of one Redis server (a primary, on a cluster)."""
 
+    #: the server's ``run_id``, with its replication id after it (``run_id/replid``) where it
+    #: is or was a replica in this process (see :func:`_life_id`)
     run_id: str
     address: str
     #: when this life began, on the server's clock, rounded down a second more to be safe
@@ -72,7 +74,19 @@ def read_incarnation(node_client, address: str) -> RedisIncarnation:
         and _is_zero_id(replication.get("master_replid2"))
         and not any(int(commands.get(name, {}).get("calls", 0)) for name in _COPY_COMMANDS)
     )
-    return RedisIncarnation(str(server["run_id"]), address, now - uptime, started_empty, now)
+    return RedisIncarnation(_life_id(server, replication), address, now - uptime, started_empty, now)
+
+
+def _life_id(server, replication) -> str:
+    """The ``run_id``, and the replication id where the server's data may have been replaced
+    by replication since it started: a replica, or a primary that was one (a failback, a
+    snapshot restored through a replica link) keeps its ``run_id``, but its counters then
+    come from elsewhere. Each replication history is then a life of its own (a primary
+    never a replica, the usual case, keeps the plain ``run_id``)."""
+    run_id = str(server["run_id"])
+    if replication.get("role") == "master" and _is_zero_id(replication.get("master_replid2")):
+        return run_id
+    return f"{run_id}/{replication.get('master_replid')}"
 
 
 def _is_zero_id(value) -> bool:
@@ -108,8 +122,9 @@ def check_unchanged(client, before: dict[str, RedisIncarnation], partition: str 
         now = read_incarnation(node, address)
         if now.run_id != before[address].run_id:
             raise RedisRestartedDuringRun(
-                f"Redis at {address} restarted while the day was read (run_id {before[address].run_id} -> "
-                f"{now.run_id}); nothing of this run is committed, and the retry reads the new server"
+                f"Redis at {address} restarted, or took its data by replication, while the day was read (run_id "
+                f"{before[address].run_id} -> {now.run_id}); nothing of this run is committed, and the retry reads"
+                " the new server"
             )
         if before[address].started_empty and not now.started_empty:
             raise RedisTookKeysIn(

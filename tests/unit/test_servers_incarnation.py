@@ -97,9 +97,28 @@ def test_a_restart_during_the_run_is_named():
     with pytest.raises(RedisRestartedDuringRun) as caught:
         check_unchanged(Single(changed("server", run_id="def")), before)
     assert str(caught.value) == (
-        "Redis at h:1 restarted while the day was read (run_id abc -> def); nothing of this run is committed, "
-        "and the retry reads the new server"
+        "Redis at h:1 restarted, or took its data by replication, while the day was read (run_id abc -> def); "
+        "nothing of this run is committed, and the retry reads the new server"
     )
+    with pytest.raises(RedisRestartedDuringRun, match=r"\(run_id abc -> abc/r2\)"):  # a failback during the run
+        check_unchanged(Single(changed("replication", master_replid="r2", master_replid2="r1")), before)
+
+
+@pytest.mark.parametrize(
+    ("replication", "life"),
+    [
+        ({"role": "master", "master_replid": "r1", "master_replid2": "0" * 40}, "abc"),  # never a replica
+        ({"role": "master", "master_replid": "r2", "master_replid2": "r1"}, "abc/r2"),  # promoted, or failed back
+        ({"role": "master", "master_replid": "r3", "master_replid2": "r2"}, "abc/r3"),  # and again: another life
+        ({"role": "slave", "master_replid": "m1", "master_replid2": "0" * 40}, "abc/m1"),  # a replica of m1
+    ],
+)
+def test_a_server_whose_data_came_by_replication_has_a_life_per_replication_history(replication, life):
+    """A failback, or a snapshot restored through a replica link, replaces a server's counters
+    but keeps its run_id. (Found by an adversarial review: a primary that restarted empty,
+    failed over and back kept its run_id, and the old counts it got back were taken for
+    growth: 20 stored for 12.)"""
+    assert read_incarnation(Node(changed("replication", **replication)), "h:1").run_id == life
 
 
 def test_keys_taken_in_during_the_run_by_a_server_that_started_empty_fail_it():
