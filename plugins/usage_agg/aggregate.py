@@ -178,8 +178,8 @@ def aggregate_day(
         )
     if result.hourly_mismatches:
         logger.warning(
-            "%d key(s) of %s have a daily total that differs from the sum of their hourly counts (a writer that "
-            "updates only one of them?). First ones: %s",
+            "%d key(s) of %s have a daily total that differs from the sum of their hourly counts, or hours "
+            "without a daily counter (a writer that updates only one of them?). First ones: %s",
             result.hourly_mismatches,
             result.usage_date,
             result.hourly_mismatch_samples,
@@ -345,7 +345,7 @@ def _counts(result: AggregationResult) -> dict:
         key: getattr(result, key)
         for key in (
             "merchant_id", "keys_found", "rows_written", "rows_unchanged", "decreases_refused", "resets", "bad_keys",
-            "new_bad_keys", "hourly_rows_written", "hourly_mismatches",
+            "new_bad_keys", "hourly_rows_written", "hourly_mismatches", "bad_hourly",
         )
     }  # fmt: skip
 
@@ -361,6 +361,6 @@ def _report_bad_key(logger, result: AggregationResult, bad) -> None:
 def _outcome(result: AggregationResult) -> str:
     if result.new_bad_keys:
         return "new_bad_keys"
-    if result.bad_keys:
+    if result.bad_keys or result.bad_hourly:  # a date whose hours are incomplete says so too
         return "known_bad_keys"
     return "success"

@@ -60,6 +60,8 @@ def event_extra(result: AggregationResult) -> dict[str, Any]:
         "resets": result.resets,
         "hourly_resets": result.hourly_resets,
         "bad_keys": result.bad_keys,
+        # hourly hashes or fields that could not be stored, known and new: the date's hours are incomplete
+        "bad_hourly": result.bad_hourly,
     }
 
 

@@ -17,12 +17,12 @@ COLUMNS = (
     "dag_id", "run_id", "task_id", "usage_table", "usage_date", "merchant_id", "keys_found",
     "rows_written", "rows_unchanged", "decreases_refused", "resets", "bad_keys", "new_bad_keys",
     "started_at", "outcome", "error", "redis_partition", "partition_count", "hourly_rows_written",
-    "hourly_mismatches",
+    "hourly_mismatches", "bad_hourly",
 )  # fmt: skip
 #: What a rolled-back run did not commit: recorded as 0 in its audit row.
 UNCOMMITTED = (
     "rows_written", "rows_unchanged", "decreases_refused", "resets", "bad_keys", "new_bad_keys", "hourly_rows_written",
-    "hourly_mismatches",
+    "hourly_mismatches", "bad_hourly",
 )  # fmt: skip
 
 

@@ -25,13 +25,29 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from usage_agg.dead_letters import key_text, pg_text
-from usage_agg.keys import KEY_PREFIX, BadKeyError, day_pattern, index_key, parse_key, parse_quantity
+from usage_agg.dead_letters import identity, key_text, pg_text
+from usage_agg.keys import (
+    HOURLY_PREFIX,
+    KEY_PREFIX,
+    BadKeyError,
+    UsageKey,
+    daily_key_of_hours,
+    day_pattern,
+    hours_pattern,
+    index_key,
+    parse_hour,
+    parse_key,
+    parse_quantity,
+)
 from usage_agg.reconcile import EXPIRY_WARNING
 from usage_agg.schema import SchemaNames, missing_objects, resolve_names
 from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW
 
 TTL_SAMPLE_BATCH = 1_000
+DAILY_PREFIX = KEY_PREFIX.encode()
+HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
+#: daily counters and hourly hashes in one pass (other keys it meets are skipped by prefix)
+ANY_USAGE_KEY = "usage*"
 SAMPLE_LIMIT = 20
 
 
@@ -45,7 +61,9 @@ class DayInRedis:
     indexed: bool = False
     #: keys found by SCAN that were missing from the day's index (now added to it)
     unindexed_keys: int = 0
-    #: keys with less than EXPIRY_WARNING to live
+    #: hourly hashes whose daily counter does not exist, added to the day's index (an indexed day)
+    hours_without_day: int = 0
+    #: keys (daily counters and hourly hashes) with less than EXPIRY_WARNING to live
     expiring_keys: int = 0
     #: of those, keys whose current value is not in PostgreSQL (after a rescue, if any)
     unsaved_keys: int = 0
@@ -100,7 +118,9 @@ class _StoredValues:
     def __init__(self, pg_conn, names: SchemaNames) -> None:
         self.pg_conn = pg_conn
         self.names = names
-        self.schema_exists = not {str(names.usage), str(names.errors)} & set(missing_objects(pg_conn, names))
+        self.schema_exists = not {str(names.usage), str(names.errors), str(names.hourly)} & set(
+            missing_objects(pg_conn, names)
+        )
 
     def unsaved(self, raw_keys: list[bytes], values: list) -> list[int]:
         """Indexes of the keys whose current value is neither in their row nor in their dead letter."""
@@ -146,34 +166,98 @@ class _StoredValues:
         self.pg_conn.rollback()
         return unsaved
 
+    def unsaved_hours(self, hashes: list[tuple[bytes, dt.date, int]], replies: list) -> list[int]:
+        """Indexes of the hourly hashes some hour of which is neither in its hourly row nor in its dead letter."""
+        if not hashes:
+            return []
+        if not self.schema_exists:
+            return list(range(len(hashes)))
+        # one expected row per hour: (hash, merchant, metric, hour, value) for a good hour,
+        # (hash, ..., dead letter digest, value preview) for a bad one or a hash that is not one
+        expected: list[tuple] = []
+        for i, ((key, day, _), reply) in enumerate(zip(hashes, replies)):
+            try:
+                parsed: UsageKey | None = parse_key(daily_key_of_hours(key))
+            except BadKeyError:
+                parsed = None
+            if isinstance(reply, Exception) or parsed is None:  # not a hash, or a bad name: its letter holds it
+                expected.append((i, None, None, None, None, identity(key), None))
+                continue
+            for field_name, value in reply.items():
+                field_bytes = _bytes(field_name)
+                try:
+                    hour = dt.datetime.combine(day, dt.time(parse_hour(field_bytes)), dt.UTC)
+                    expected.append(
+                        (i, parsed.merchant_id, parsed.metric_type, hour, parse_quantity(value), None, None)
+                    )
+                except BadKeyError:
+                    preview = pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace"))
+                    expected.append((i, None, None, None, None, identity(key, field_bytes), preview))
+        if not expected:
+            return []
+        with self.pg_conn.cursor() as cur:
+            cur.execute(
+                f"""SELECT DISTINCT k.i FROM unnest(%s::int[], %s::text[], %s::text[], %s::timestamptz[],
+                                                    %s::bigint[], %s::bytea[], %s::text[]) AS k(i, m, t, h, v, d, raw)
+                    WHERE CASE WHEN k.d IS NULL
+                          THEN NOT EXISTS (SELECT 1 FROM {self.names.hourly.quoted} u
+                                           WHERE u.merchant_id = k.m AND u.metric_type = k.t AND u.usage_hour = k.h
+                                             AND u.quantity - u.redis_offset = k.v)
+                          ELSE NOT EXISTS (SELECT 1 FROM {self.names.errors.quoted} e
+                                           WHERE e.key_sha256 = k.d
+                                             AND (k.raw IS NULL OR e.raw_value IS NOT DISTINCT FROM k.raw))
+                          END""",
+                tuple(map(list, zip(*expected))),
+            )
+            unsaved = sorted(int(i) for (i,) in cur.fetchall())
+        self.pg_conn.rollback()
+        return unsaved
+
 
 def _bytes(value) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
 
 
 def _scan_days(
-    redis_client, stored: _StoredValues, days: dict[dt.date, DayInRedis], *, pattern: str, scan_count: int,
+    redis_client, stored: _StoredValues, days: dict[dt.date, DayInRedis], *, patterns: list[str], scan_count: int,
     only_day: dt.date | None = None,
 ) -> None:  # fmt: skip
-    """One SCAN pass: tally keys and TTLs per day, repair indexes, compare expiring keys."""
+    """One SCAN pass per pattern: tally keys and TTLs per day, repair indexes, compare expiring keys.
+
+    Daily counters and hourly hashes both count: a hash is safe to lose only once each of
+    its hours is stored (or dead-lettered), whatever became of its daily counter. A hash
+    whose daily counter does not exist (a writer that sent ``HINCRBY`` without ``INCRBY``)
+    is added to its indexed day's index, so an aggregation that reads the index finds it.
+    """
     pending: list[tuple[bytes, dt.date]] = []
 
     def flush() -> None:
+        daily = [(key, day) for key, day in pending if key.startswith(DAILY_PREFIX)]
+        hourly = [(key, day) for key, day in pending if not key.startswith(DAILY_PREFIX)]
         pipe = redis_client.pipeline(transaction=False)
-        for key, day in pending:
+        for key, day in daily:
             pipe.ttl(key)
             pipe.sismember(index_key(day), key)
+        for key, _ in hourly:
+            pipe.ttl(key)
+            pipe.exists(daily_key_of_hours(key))
         replies = pipe.execute(raise_on_error=False)
         repair = redis_client.pipeline(transaction=False)
         expiring: list[tuple[bytes, dt.date, int]] = []
-        for (key, day), ttl, in_index in zip(pending, replies[0::2], replies[1::2]):
+        expiring_hours: list[tuple[bytes, dt.date, int]] = []
+        for (key, day), ttl, second in zip(daily + hourly, replies[0::2], replies[1::2]):
             entry = days[day]
+            is_hash = not key.startswith(DAILY_PREFIX)
             if isinstance(ttl, int) and ttl >= 0:  # -1: no expiry, -2: gone
                 entry.min_ttl_seconds = ttl if entry.min_ttl_seconds is None else min(entry.min_ttl_seconds, ttl)
                 if ttl < EXPIRY_WARNING.total_seconds():
                     entry.expiring_keys += 1
-                    expiring.append((key, day, ttl))
-            if entry.indexed and not in_index:
+                    (expiring_hours if is_hash else expiring).append((key, day, ttl))
+            if is_hash:
+                if entry.indexed and not second:  # its day's counter does not exist: index the hash itself
+                    entry.hours_without_day += 1
+                    repair.sadd(index_key(day), key)
+            elif entry.indexed and not second:
                 entry.unindexed_keys += 1
                 repair.sadd(index_key(day), key)
         if len(repair):
@@ -187,35 +271,52 @@ def _scan_days(
             )
             # nil: gone since (nothing left to lose), or another Redis type (a bad key)
             present = [i for i, value in enumerate(values) if value is not None or redis_client.exists(keys[i])]
-            for i in stored.unsaved([keys[i] for i in present], [values[i] for i in present]):
-                key, day, ttl = expiring[present[i]]
-                entry = days[day]
-                entry.unsaved_keys += 1
-                if len(entry.unsaved_samples) < SAMPLE_LIMIT:
-                    entry.unsaved_samples.append({"key": key_text(key), "ttl_seconds": ttl})
+            unsaved = stored.unsaved([keys[i] for i in present], [values[i] for i in present])
+            _note_unsaved(days, [expiring[present[i]] for i in unsaved])
+        if expiring_hours:
+            pipe = redis_client.pipeline(transaction=False)
+            for key, _, _ in expiring_hours:
+                pipe.hgetall(key)
+            hashes = pipe.execute(raise_on_error=False)
+            _note_unsaved(days, [expiring_hours[i] for i in stored.unsaved_hours(expiring_hours, hashes)])
         pending.clear()
 
     day: dt.date | None  # None: a bad key that names no day
-    for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
-        raw_key = _bytes(raw_key)
-        try:
-            day = parse_key(raw_key).usage_date
-        except BadKeyError:
-            day = _day_of_bad_key(raw_key)
-            if day is None:
-                continue  # no day to file it under; the aggregation of its day, if any, reports it
-        if only_day is not None and day != only_day:
-            continue
-        if day not in days:
-            days[day] = DayInRedis(
-                day.isoformat(), 0, None, indexed=redis_client.type(index_key(day)) in (b"set", "set")
-            )
-        days[day].keys += 1
-        pending.append((raw_key, day))
-        if len(pending) >= TTL_SAMPLE_BATCH:
-            flush()
+    for pattern in patterns:
+        for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
+            raw_key = _bytes(raw_key)
+            if raw_key.startswith(DAILY_PREFIX):
+                named = raw_key
+            elif raw_key.startswith(HOURLY_KEY_PREFIX):
+                named = daily_key_of_hours(raw_key)
+            else:
+                continue  # another application's key that begins with "usage"
+            try:
+                day = parse_key(named).usage_date
+            except BadKeyError:
+                day = _day_of_bad_key(named)
+                if day is None:
+                    continue  # no day to file it under; the aggregation of its day, if any, reports it
+            if only_day is not None and day != only_day:
+                continue
+            if day not in days:
+                days[day] = DayInRedis(
+                    day.isoformat(), 0, None, indexed=redis_client.type(index_key(day)) in (b"set", "set")
+                )
+            days[day].keys += 1
+            pending.append((raw_key, day))
+            if len(pending) >= TTL_SAMPLE_BATCH:
+                flush()
     if pending:
         flush()
+
+
+def _note_unsaved(days: dict[dt.date, DayInRedis], unsaved: list[tuple[bytes, dt.date, int]]) -> None:
+    for key, day, ttl in unsaved:
+        entry = days[day]
+        entry.unsaved_keys += 1
+        if len(entry.unsaved_samples) < SAMPLE_LIMIT:
+            entry.unsaved_samples.append({"key": key_text(key), "ttl_seconds": ttl})
 
 
 def _day_of_bad_key(raw_key: bytes) -> dt.date | None:
@@ -248,7 +349,7 @@ def check_expiry(
     names = resolve_names(pg_conn, table)
     stored = _StoredValues(pg_conn, names)
     days: dict[dt.date, DayInRedis] = {}
-    _scan_days(redis_client, stored, days, pattern=f"{KEY_PREFIX}*", scan_count=scan_count)
+    _scan_days(redis_client, stored, days, patterns=[ANY_USAGE_KEY], scan_count=scan_count)
     at_risk = sorted(d for d, entry in days.items() if entry.unsaved_keys)
     if rescue is not None:
         for day in at_risk:
@@ -256,7 +357,10 @@ def check_expiry(
                 rescue(day)
             days[day] = DayInRedis(day.isoformat(), 0, None, indexed=days[day].indexed, rescued=True)
             stored.schema_exists = stored.schema_exists or not missing_objects(pg_conn, names)
-            _scan_days(redis_client, stored, days, pattern=day_pattern(day), scan_count=scan_count, only_day=day)
+            _scan_days(
+                redis_client, stored, days, patterns=[day_pattern(day), hours_pattern(day)], scan_count=scan_count,
+                only_day=day,
+            )  # fmt: skip
     _note_aggregated(pg_conn, names, days)
     return ExpiryReport(sorted(days.values(), key=lambda d: d.usage_date), today, names)
 

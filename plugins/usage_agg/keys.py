@@ -279,6 +279,25 @@ def day_pattern(usage_date: str | dt.date, merchant_id: str | None = None) -> st
     return f"{KEY_PREFIX}{escape_match(merchant_id)}:{day}:*"
 
 
+def day_and_hours_pattern(usage_date: str | dt.date) -> str:
+    """The ``MATCH`` pattern for one whole day's daily counters *and* hourly hashes, in one pass.
+
+    It also matches other keys that begin with ``usage`` (``usage_x:...:{date}:...``);
+    callers keep only those with :data:`KEY_PREFIX` or :data:`HOURLY_PREFIX`.
+    """
+    return f"usage*:{parse_date(usage_date).isoformat()}:*"
+
+
+def hours_pattern(usage_date: str | dt.date, merchant_id: str | None = None) -> str:
+    """The ``MATCH`` pattern for one day's hourly hashes, for every merchant or for one."""
+    return HOURLY_PREFIX + day_pattern(usage_date, merchant_id)[len(KEY_PREFIX) :]
+
+
+def daily_key_of_hours(raw_hourly_key: bytes) -> bytes:
+    """The daily counter beside an hourly hash: its name with :data:`KEY_PREFIX` for :data:`HOURLY_PREFIX`."""
+    return KEY_PREFIX.encode() + raw_hourly_key[len(HOURLY_PREFIX) :]
+
+
 def belongs_to(key: UsageKey, usage_date: dt.date, merchant_id: str | None) -> bool:
     """Whether a parsed key is one of the day (and merchant) being aggregated."""
     return key.usage_date == usage_date and (merchant_id is None or key.merchant_id == merchant_id)

@@ -16,13 +16,18 @@ from typing import NamedTuple
 from redis.crc import key_slot
 
 from usage_agg.keys import (
+    HOURLY_PREFIX,
+    KEY_PREFIX,
     BadKeyError,
     UsageKey,
     are_plain_quantities,
     bad_key_belongs_to,
     belongs_to,
+    daily_key_of_hours,
+    day_and_hours_pattern,
     day_pattern,
     hourly_keys_of,
+    hours_pattern,
     index_key,
     parse_hour,
     parse_key,
@@ -163,30 +168,67 @@ def read_day(
                 partition=name, bulk=bulk, hourly=hourly,
             )  # fmt: skip
         return
-    pattern = day_pattern(usage_date, merchant_id)
     node = partition_node(client, partition)
+    # The keys of the slots this primary says it serves: the index lives in one slot and
+    # names every primary's keys, and a primary may still hold keys of a slot it no longer
+    # serves (CLUSTER DELSLOTS, an aborted migration), whose values live elsewhere.
+    served = None if node is None else served_slots(layout or part_layout(client, partition) or "")
+    source = node.name if node is not None else node_address(client)
+    read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
+    day_marker = f":{usage_date.isoformat()}:".encode()
+    pending: list[bytes] = []
+    pending_hours: list[bytes] = []
+    for pattern in _patterns(usage_date, merchant_id, hourly):
+        for raw_key in _discovered(client, usage_date, pattern, method, scan_count, node, served):
+            if raw_key.find(day_marker, len(DAILY_KEY_PREFIX)) > 0 and raw_key.startswith(DAILY_KEY_PREFIX):
+                pending.append(raw_key)
+                if len(pending) >= batch_size:
+                    yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
+                    pending = []
+            elif (
+                hourly
+                and raw_key.find(day_marker, len(HOURLY_KEY_PREFIX)) > 0
+                and raw_key.startswith(HOURLY_KEY_PREFIX)
+            ):
+                pending_hours.append(raw_key)
+                if len(pending_hours) >= batch_size:
+                    yield _hours_without_their_day(client, source, pending_hours, usage_date, merchant_id)
+                    pending_hours = []
+    if pending:
+        yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
+    if pending_hours:
+        yield _hours_without_their_day(client, source, pending_hours, usage_date, merchant_id)
+
+
+DAILY_KEY_PREFIX = KEY_PREFIX.encode()
+HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
+
+
+def _patterns(usage_date: dt.date, merchant_id: str | None, hourly: bool) -> list[str]:
+    """The ``MATCH`` patterns of one read: the day's counters and, where hours are read, the
+    hourly hashes too, so a hash whose writer sent no daily counter is found on its own.
+    A whole day takes both in one pass; one merchant's rerun, one pass for each."""
+    if not hourly:
+        return [day_pattern(usage_date, merchant_id)]
+    if merchant_id is None:
+        return [day_and_hours_pattern(usage_date)]
+    return [day_pattern(usage_date, merchant_id), hours_pattern(usage_date, merchant_id)]
+
+
+def _discovered(
+    client, usage_date: dt.date, pattern: str, method: str, scan_count: int, node, served
+) -> Iterator[bytes]:
+    """The keys matching ``pattern``, from the day's index or the keyspace (one primary's, on a cluster)."""
     if method == "index":
         keys = client.sscan_iter(index_key(usage_date), match=pattern, count=scan_count)
     elif node is not None:
         keys = client.scan_iter(match=pattern, count=scan_count, target_nodes=node)
     else:
         keys = client.scan_iter(match=pattern, count=scan_count)
-    if node is not None:
-        # The keys of the slots this primary says it serves: the index lives in one slot and
-        # names every primary's keys, and a primary may still hold keys of a slot it no longer
-        # serves (CLUSTER DELSLOTS, an aborted migration), whose values live elsewhere.
-        served = served_slots(layout or part_layout(client, partition) or "")
-        keys = (key for key in keys if key_slot(_as_bytes(key)) in served)
-    source = node.name if node is not None else node_address(client)
-    read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
-    pending: list[bytes] = []
-    for raw_key in keys:
-        pending.append(_as_bytes(raw_key))
-        if len(pending) >= batch_size:
-            yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
-            pending = []
-    if pending:
-        yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
+    for key in keys:
+        raw_key = _as_bytes(key)
+        if served is None or key_slot(raw_key) in served:
+            yield raw_key
 
 
 def _finish(client, source: str, batch: Batch, usage_date: dt.date, hourly: bool) -> Batch:
@@ -219,26 +261,91 @@ def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
             continue
         if not reply:  # a daily-only writer: no hours, nothing wrong
             continue
-        total = 0
-        for field_name, value in reply.items():
-            try:
-                hour, quantity = parse_hour(field_name), parse_quantity(value)
-            except BadKeyError as err:
-                batch.bad_hours.append(BadKey(key, str(err), _preview(value), field=_as_bytes(field_name)))
-                continue
-            batch.hours.append((merchant, metric, hour, quantity))
-            total += quantity
+        total = _add_hours(batch, key, merchant, metric, reply)
         if total != int(daily):
-            batch.hourly_mismatches += 1
-            if len(batch.mismatch_samples) < MISMATCH_SAMPLES:
-                batch.mismatch_samples.append(
-                    {
-                        "merchant_id": merchant.decode(),
-                        "metric_type": metric.decode(),
-                        "daily": int(daily),
-                        "hourly_sum": total,
-                    }
-                )
+            _note_mismatch(batch, merchant, metric, int(daily), total, DAILY_DIFFERS)
+
+
+#: why an hourly hash read without its daily counter is reported (with its hours stored)
+NO_DAILY_COUNTER = "hourly hash without its daily counter (a writer that sent HINCRBY but not INCRBY?)"
+#: why a key's daily total and its hours are reported
+DAILY_DIFFERS = "daily total differs from the sum of its hourly counts"
+
+
+def _hours_without_their_day(
+    client, source: str, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None
+) -> Batch:
+    """The hours of the day's hashes whose daily counter does not exist: a writer that breaks
+    the protocol (``HINCRBY`` without ``INCRBY``), or a daily counter that expired or was
+    deleted before its hash. Their hours are read and stored like any others, and each such
+    hash is reported as a mismatch with its reason, so nothing of it expires unseen. A hash
+    whose daily counter exists is read with that counter (:func:`_read_hours`), not here."""
+    batch = Batch(source=source)
+    day_text = usage_date.isoformat()
+    candidates: list[tuple[bytes, UsageKey | None, str | None]] = []
+    for raw_key in dict.fromkeys(raw_keys):  # SCAN may return a key twice
+        daily = daily_key_of_hours(raw_key)
+        try:
+            parsed = parse_key(daily)
+        except BadKeyError as err:
+            if bad_key_belongs_to(daily, day_text, merchant_id):
+                candidates.append((raw_key, None, f"hourly key does not name a day's counter: {err}"))
+            continue
+        if belongs_to(parsed, usage_date, merchant_id):
+            candidates.append((raw_key, parsed, None))
+    if not candidates:
+        return batch
+    pipe = client.pipeline(transaction=False)
+    for raw_key, _, _ in candidates:
+        pipe.exists(daily_key_of_hours(raw_key))
+    alone = [c for c, exists in zip(candidates, pipe.execute()) if not exists]
+    if not alone:
+        return batch
+    pipe = client.pipeline(transaction=False)
+    for raw_key, _, _ in alone:
+        pipe.hgetall(raw_key)
+    for (raw_key, named, problem), reply in zip(alone, pipe.execute(raise_on_error=False)):
+        if isinstance(reply, Exception):  # WRONGTYPE: not a hash
+            batch.bad_hours.append(BadKey(raw_key, f"hourly key is not a hash of hourly counts: {reply}"))
+        elif not reply:  # gone since it was found
+            continue
+        elif problem is not None or named is None:
+            batch.bad_hours.append(BadKey(raw_key, problem or "hourly key does not parse"))
+        else:
+            merchant, metric = named.merchant_id.encode(), named.metric_type.encode()
+            total = _add_hours(batch, raw_key, merchant, metric, reply)
+            _note_mismatch(batch, merchant, metric, None, total, NO_DAILY_COUNTER)
+    return batch
+
+
+def _add_hours(batch: Batch, raw_key: bytes, merchant: bytes, metric: bytes, reply: dict) -> int:
+    """Add one hash's good hours to the batch (its bad fields to ``bad_hours``); their sum."""
+    total = 0
+    for field_name, value in reply.items():
+        try:
+            hour, quantity = parse_hour(field_name), parse_quantity(value)
+        except BadKeyError as err:
+            batch.bad_hours.append(BadKey(raw_key, str(err), _preview(value), field=_as_bytes(field_name)))
+            continue
+        batch.hours.append((merchant, metric, hour, quantity))
+        total += quantity
+    return total
+
+
+def _note_mismatch(
+    batch: Batch, merchant: bytes, metric: bytes, daily: int | None, hourly_sum: int, reason: str
+) -> None:
+    batch.hourly_mismatches += 1
+    if len(batch.mismatch_samples) < MISMATCH_SAMPLES:
+        batch.mismatch_samples.append(
+            {
+                "merchant_id": merchant.decode(),
+                "metric_type": metric.decode(),
+                "daily": daily,
+                "hourly_sum": hourly_sum,
+                "reason": reason,
+            }
+        )
 
 
 def _as_bytes(value: bytes | str) -> bytes:

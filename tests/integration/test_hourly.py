@@ -11,6 +11,7 @@ import pytest
 
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import build_key, hourly_key
+from usage_agg.source import DAILY_DIFFERS
 from usage_agg.tracking import track_usage
 from usage_agg.windows import usage_windows
 
@@ -133,7 +134,9 @@ def test_a_daily_total_that_differs_from_its_hours_is_counted_and_named(redis_cl
     redis_client.incrby(build_key("acme", DAY, "queries"), 2)  # a writer that updates only the daily counter
     result = aggregate_day(redis_client, pg_conn, DAY, table=table)
     assert result.hourly_mismatches == 1
-    assert result.hourly_mismatch_samples == [{"merchant_id": "acme", "metric_type": "queries", "daily": 7, "hourly_sum": 5}]
+    assert result.hourly_mismatch_samples == [
+        {"merchant_id": "acme", "metric_type": "queries", "daily": 7, "hourly_sum": 5, "reason": DAILY_DIFFERS}
+    ]
 
 
 class ScansTwice:
@@ -301,7 +304,9 @@ def test_status_reports_hours_and_mismatches(redis_client, pg_conn, table):
     redis_client.hincrby(hourly_key("acme", DAY, "queries"), "17", 1)  # an hour grew, the day did not
     status = reconcile_date(redis_client, pg_conn, DAY, table=table, hourly=True)
     assert (status.in_sync, status.hourly_differing_rows, status.hourly_mismatches) == (False, 1, 1)
-    assert status.hourly_mismatch_samples == [{"merchant_id": "acme", "metric_type": "queries", "daily": 7, "hourly_sum": 8}]
+    assert status.hourly_mismatch_samples == [
+        {"merchant_id": "acme", "metric_type": "queries", "daily": 7, "hourly_sum": 8, "reason": DAILY_DIFFERS}
+    ]
     assert [h for h in status.hours if h["hour"] == "17"] == [{"hour": "17", "redis": 3, "stored": 2}]
     assert reconcile_date(redis_client, pg_conn, DAY, table=table).hours == []  # the hour table only when asked
 

@@ -140,6 +140,8 @@ CREATE INDEX IF NOT EXISTS {hourly_index} ON {hourly_table} (usage_hour);
 ALTER TABLE {errors_table} ADD COLUMN IF NOT EXISTS hash_field bytea;
 ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS hourly_rows_written bigint NOT NULL DEFAULT 0;
 ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS hourly_mismatches bigint NOT NULL DEFAULT 0;
+-- version 6: bad hourly hashes and fields a run met (known and new), so a date's incomplete hours show
+ALTER TABLE {runs_table} ADD COLUMN IF NOT EXISTS bad_hourly bigint NOT NULL DEFAULT 0;
 
 -- Any window over the hourly rows, in any IANA time zone: hour, day, week (ISO, from
 -- Monday) or month, as the zone's clocks show them (DST included: a local day can last
