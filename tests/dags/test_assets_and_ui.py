@@ -89,6 +89,19 @@ def test_a_failed_aggregation_emits_no_event(redis_client, usage_env):
     assert [e["extra"]["usage_date"] for e in events] == ["2025-11-01"]  # the day before succeeded
 
 
+def test_a_run_that_meets_a_known_bad_hour_says_so_in_its_event(redis_client, usage_env):
+    """A billing DAG reading the event can tell that a date's hours are incomplete, also when
+    the bad hour is known (the run succeeds): the extra counts the bad hourly fields."""
+    track_usage(redis_client, "acme", "queries", 5, at=dt.datetime(2025, 11, 2, 1, tzinfo=dt.UTC))
+    redis_client.hset("usage-hourly:acme:2025-11-02:queries", "24", 1)  # no hour 24
+    first = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 3, tz="UTC"))
+    assert first["aggregate_current_day"] == "failed"  # new: red once, committed
+    known = run_dag("usage_aggregation", logical_date=pendulum.datetime(2025, 11, 2, 4, tz="UTC"))
+    assert known["aggregate_current_day"] == "success"
+    events = [e for e in asset_events(assets.usage_asset_uri(usage_env)) if e["extra"]["usage_date"] == "2025-11-02"]
+    assert [(e["extra"]["bad_hourly"], e["extra"]["bad_keys"]) for e in events] == [(1, 0)]
+
+
 def test_a_merchant_rerun_emits_one_event_per_date_of_its_range(redis_client, usage_env):
     for day in ("2025-11-01", "2025-11-02", "2025-11-03"):
         track_usage(redis_client, "acme", "queries", 2, usage_date=day)
