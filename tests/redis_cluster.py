@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,9 +85,32 @@ class LocalRedisCluster:
     def restart_empty(self, port: int, timeout: float = 60) -> None:
         """Kill one primary and start it again with its cluster config and no data (no
         persistence): a new life, started empty, serving the same slots."""
+        self._restart(port, None, timeout)
+
+    def snapshot(self, port: int) -> Path:
+        """One primary's data now, as an RDB file beside its folder (``SAVE``), for :meth:`restart_from`."""
+        import redis
+
+        node = redis.Redis(port=port)
+        node.save()
+        node.close()
+        kept = self.workdir / f"{port}-snapshot-{time.monotonic_ns()}.rdb"
+        shutil.move(self.workdir / str(port) / "dump.rdb", kept)
+        return kept
+
+    def restart_from(self, port: int, snapshot: Path, timeout: float = 60) -> None:
+        """Kill one primary and start it again from an RDB snapshot (:meth:`snapshot`): a new
+        life that did not start empty, as a restore of the last good backup makes."""
+        self._restart(port, snapshot, timeout)
+
+    def _restart(self, port: int, snapshot: Path | None, timeout: float) -> None:
         process = self.processes.pop(port)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        dump = self.workdir / str(port) / "dump.rdb"
+        dump.unlink(missing_ok=True)
+        if snapshot is not None:
+            shutil.copy(snapshot, dump)
         self._spawn(port)
         deadline = time.monotonic() + timeout
         while not (self._answers(port) and all(self._cluster_ok(p) for p in self.ports)):

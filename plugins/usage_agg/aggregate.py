@@ -18,7 +18,7 @@ from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
 from usage_agg.keys import HOURLY_PREFIX, parse_date
 from usage_agg.options import AggregationOptions
-from usage_agg.partitions import check_layout_unchanged, is_cluster, part_layout
+from usage_agg.partitions import check_layout_unchanged, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import RedisTookKeysIn, check_unchanged, read_incarnations
@@ -232,7 +232,6 @@ def _aggregate_in_one_transaction(
             allow_decrease=options.allow_decrease,
             lock_timeout=options.lock_timeout,
             partition=options.partition,
-            hours_from_source=not is_cluster(redis_client),
         ) as writer,
         closing(reading) as batches,
     ):  # closing: a failure stops the reader thread at once

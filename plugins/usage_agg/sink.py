@@ -244,7 +244,7 @@ class _Stage:
         if not (self.copy_straight_in and self.plain_inserts) or self.staged:
             return False
         columns, line = self.shape.direct_columns, self._direct_line
-        source = self.writer.source_of(self.shape).id
+        source = self.writer.source.id
         if source is not None:
             columns, line = f"{columns}, redis_incarnation", line + b"\t%d" % source
         line += b"\n"
@@ -495,7 +495,6 @@ class DayWriter:
         allow_decrease: bool = False,
         lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
         partition: str | None = None,
-        hours_from_source: bool = True,
     ) -> None:
         self.conn = conn
         self.names = names
@@ -503,9 +502,6 @@ class DayWriter:
         self.allow_decrease = allow_decrease
         self.lock_timeout = lock_timeout
         self.partition = partition
-        #: whether a batch's hourly hashes live on the server its daily counters came from
-        #: (a single node); on Redis Cluster a hash is in another slot, often on another primary
-        self.hours_from_source = hours_from_source
         self._cur: Any = None  # the transaction's DB-API cursor, once entered
         self._source = Source(None)  # no Redis life known (yet): rows get none
         self._daily = _Stage(self, DAILY, _STAGE, names.usage.quoted, KEY_PREFIX)
@@ -594,11 +590,12 @@ class DayWriter:
             self._source = source
         return merged
 
-    def source_of(self, shape: RowShape) -> Source:
-        """The Redis life a stage's rows were read from. Hours read from a server whose life
-        is not known get none: a value below the one last read is then a drop, never a
-        restart, so a restart of another primary cannot count an hour twice."""
-        return self._source if shape is DAILY or self.hours_from_source else Source(None)
+    @property
+    def source(self) -> Source:
+        """The Redis life the staged rows were read from: daily and hourly rows alike, since a
+        batch's hours come from the server its counters came from (on a cluster, a part reads
+        the hashes its own primary serves; :func:`usage_agg.source.read_day`)."""
+        return self._source
 
     # Staging
 
@@ -696,9 +693,9 @@ class DayWriter:
 
     def _combined(self, daily_step: Callable[[dict], MergeResult], hourly_step: Callable[[dict], MergeResult]):
         params = {"day": self.usage_date, "allow": self.allow_decrease, "limit": SAMPLE_LIMIT}
-        daily_source, hourly_source = self.source_of(DAILY), self.source_of(HOURLY)
-        result = daily_step({**params, "source": daily_source.id, "fresh": list(daily_source.predecessors)})
-        hourly = hourly_step({**params, "source": hourly_source.id, "fresh": list(hourly_source.predecessors)})
+        params.update(source=self._source.id, fresh=list(self._source.predecessors))
+        result = daily_step(dict(params))
+        hourly = hourly_step(dict(params))
         result.hourly_rows_written += hourly.rows_written
         result.hourly_rows_unchanged += hourly.rows_unchanged
         result.hourly_resets += hourly.resets

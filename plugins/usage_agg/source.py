@@ -9,6 +9,7 @@ size, not by how many keys the day holds.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -175,29 +176,50 @@ def read_day(
     served = None if node is None else served_slots(layout or part_layout(client, partition) or "")
     source = node.name if node is not None else node_address(client)
     read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
+    # On a single node a key's hash is read with the key (one round trip per batch); on a
+    # cluster it lives in another slot, often on another primary, so it is read by the part
+    # that serves it and takes that server's life, as the daily rows take their primary's.
+    hours_apart = hourly and served is not None
+    derive_hours = hours_apart and method == "index"  # the index names counters, not their hashes
+
+    def served_here(raw_key: bytes) -> bool:
+        return served is None or key_slot(raw_key) in served
+
+    def counters(raw_keys: list[bytes]) -> Batch:
+        return _finish(
+            client, source, read(client, raw_keys, usage_date, merchant_id), usage_date, hourly and not hours_apart
+        )
+
+    def hashes(raw_keys: list[bytes]) -> Batch:
+        return _read_hashes(client, source, raw_keys, usage_date, merchant_id, with_their_day=hours_apart)
+
     day_marker = f":{usage_date.isoformat()}:".encode()
     pending: list[bytes] = []
     pending_hours: list[bytes] = []
     for pattern in _patterns(usage_date, merchant_id, hourly):
-        for raw_key in _discovered(client, usage_date, pattern, method, scan_count, node, served):
-            if raw_key.find(day_marker, len(DAILY_KEY_PREFIX)) > 0 and raw_key.startswith(DAILY_KEY_PREFIX):
-                pending.append(raw_key)
-                if len(pending) >= batch_size:
-                    yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
-                    pending = []
-            elif (
-                hourly
-                and raw_key.find(day_marker, len(HOURLY_KEY_PREFIX)) > 0
-                and raw_key.startswith(HOURLY_KEY_PREFIX)
-            ):
+        for raw_key in _discovered(client, usage_date, pattern, method, scan_count, node):
+            if _of_day(raw_key, DAILY_KEY_PREFIX, day_marker):
+                if derive_hours and served_here(hours_key := HOURLY_KEY_PREFIX + raw_key[len(DAILY_KEY_PREFIX) :]):
+                    pending_hours.append(hours_key)
+                if served_here(raw_key):
+                    pending.append(raw_key)
+            elif hourly and _of_day(raw_key, HOURLY_KEY_PREFIX, day_marker) and served_here(raw_key):
                 pending_hours.append(raw_key)
-                if len(pending_hours) >= batch_size:
-                    yield _hours_without_their_day(client, source, pending_hours, usage_date, merchant_id)
-                    pending_hours = []
+            if len(pending) >= batch_size:
+                yield counters(pending)
+                pending = []
+            if len(pending_hours) >= batch_size:
+                yield hashes(pending_hours)
+                pending_hours = []
     if pending:
-        yield _finish(client, source, read(client, pending, usage_date, merchant_id), usage_date, hourly)
+        yield counters(pending)
     if pending_hours:
-        yield _hours_without_their_day(client, source, pending_hours, usage_date, merchant_id)
+        yield hashes(pending_hours)
+
+
+def _of_day(raw_key: bytes, prefix: bytes, day_marker: bytes) -> bool:
+    """Whether a key is ``{prefix}*{day_marker}*`` (``usage:*:2025-11-01:*``), as its pattern alone matched it."""
+    return raw_key.startswith(prefix) and raw_key.find(day_marker, len(prefix)) >= len(prefix)
 
 
 DAILY_KEY_PREFIX = KEY_PREFIX.encode()
@@ -215,9 +237,7 @@ def _patterns(usage_date: dt.date, merchant_id: str | None, hourly: bool) -> lis
     return [day_pattern(usage_date, merchant_id), hours_pattern(usage_date, merchant_id)]
 
 
-def _discovered(
-    client, usage_date: dt.date, pattern: str, method: str, scan_count: int, node, served
-) -> Iterator[bytes]:
+def _discovered(client, usage_date: dt.date, pattern: str, method: str, scan_count: int, node) -> Iterator[bytes]:
     """The keys matching ``pattern``, from the day's index or the keyspace (one primary's, on a cluster)."""
     if method == "index":
         keys = client.sscan_iter(index_key(usage_date), match=pattern, count=scan_count)
@@ -226,9 +246,7 @@ def _discovered(
     else:
         keys = client.scan_iter(match=pattern, count=scan_count)
     for key in keys:
-        raw_key = _as_bytes(key)
-        if served is None or key_slot(raw_key) in served:
-            yield raw_key
+        yield _as_bytes(key)
 
 
 def _finish(client, source: str, batch: Batch, usage_date: dt.date, hourly: bool) -> Batch:
@@ -266,20 +284,27 @@ def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
             _note_mismatch(batch, merchant, metric, int(daily), total, DAILY_DIFFERS)
 
 
+_DIGITS = re.compile(rb"[0-9]+")
 #: why an hourly hash read without its daily counter is reported (with its hours stored)
 NO_DAILY_COUNTER = "hourly hash without its daily counter (a writer that sent HINCRBY but not INCRBY?)"
 #: why a key's daily total and its hours are reported
 DAILY_DIFFERS = "daily total differs from the sum of its hourly counts"
 
 
-def _hours_without_their_day(
-    client, source: str, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None
+def _read_hashes(
+    client, source: str, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None, *, with_their_day: bool
 ) -> Batch:
-    """The hours of the day's hashes whose daily counter does not exist: a writer that breaks
-    the protocol (``HINCRBY`` without ``INCRBY``), or a daily counter that expired or was
-    deleted before its hash. Their hours are read and stored like any others, and each such
-    hash is reported as a mismatch with its reason, so nothing of it expires unseen. A hash
-    whose daily counter exists is read with that counter (:func:`_read_hours`), not here."""
+    """The hours of hashes found on their own (not through their daily counter), each hash
+    compared with its counter: a hash whose daily counter does not exist (a writer that sent
+    ``HINCRBY`` without ``INCRBY``, or a counter that expired or was deleted before its hash)
+    is reported as a mismatch with its reason, and its hours are stored like any others, so
+    nothing of it expires unseen.
+
+    :param with_their_day: read every hash given (on a cluster, where a part reads the hashes
+        its primary serves, whatever primary their counters live on); otherwise only those
+        whose counter does not exist (on a single node the others are read with their counter,
+        :func:`_read_hours`).
+    """
     batch = Batch(source=source)
     day_text = usage_date.isoformat()
     candidates: list[tuple[bytes, UsageKey | None, str | None]] = []
@@ -295,26 +320,28 @@ def _hours_without_their_day(
             candidates.append((raw_key, parsed, None))
     if not candidates:
         return batch
-    pipe = client.pipeline(transaction=False)
-    for raw_key, _, _ in candidates:
-        pipe.exists(daily_key_of_hours(raw_key))
-    alone = [c for c, exists in zip(candidates, pipe.execute()) if not exists]
-    if not alone:
+    # nil: no daily counter (or one of another Redis type, which its own read reports)
+    dailies = _read_values(client, [daily_key_of_hours(raw_key) for raw_key, _, _ in candidates])
+    chosen = [(c, daily) for c, daily in zip(candidates, dailies) if with_their_day or daily is None]
+    if not chosen:
         return batch
     pipe = client.pipeline(transaction=False)
-    for raw_key, _, _ in alone:
+    for (raw_key, _, _), _ in chosen:
         pipe.hgetall(raw_key)
-    for (raw_key, named, problem), reply in zip(alone, pipe.execute(raise_on_error=False)):
+    for ((raw_key, named, problem), daily), reply in zip(chosen, pipe.execute(raise_on_error=False)):
         if isinstance(reply, Exception):  # WRONGTYPE: not a hash
             batch.bad_hours.append(BadKey(raw_key, f"hourly key is not a hash of hourly counts: {reply}"))
-        elif not reply:  # gone since it was found
+        elif not reply:  # gone since it was found, or a daily-only writer's (derived from the index)
             continue
         elif problem is not None or named is None:
             batch.bad_hours.append(BadKey(raw_key, problem or "hourly key does not parse"))
         else:
             merchant, metric = named.merchant_id.encode(), named.metric_type.encode()
             total = _add_hours(batch, raw_key, merchant, metric, reply)
-            _note_mismatch(batch, merchant, metric, None, total, NO_DAILY_COUNTER)
+            if daily is None:
+                _note_mismatch(batch, merchant, metric, None, total, NO_DAILY_COUNTER)
+            elif _DIGITS.fullmatch(_as_bytes(daily)) and int(daily) != total:  # a bad counter is reported as one
+                _note_mismatch(batch, merchant, metric, int(daily), total, DAILY_DIFFERS)
     return batch
 
 

@@ -202,7 +202,8 @@ def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluste
     """A key's hourly hash hashes to another slot than its daily counter, here on another
     primary, whose life is not the counter's. (Found by an adversarial review: the hours took
     the counter's primary's life, so its restart counted an hour twice, 10 + 13 = 23.) Hours
-    read on a cluster take no life: a lower hour is a drop, which keeps what was counted."""
+    are read by the part that serves their hash and take that primary's life, so each row's
+    reset follows the server it lives on."""
     import time
 
     from usage_agg.keys import hourly_key
@@ -226,8 +227,49 @@ def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluste
     hour = query(f"SELECT quantity, redis_offset FROM {table}_hourly")
     if restarted == "daily-counters-primary":  # the counter restarted (10 + 3); the hash kept all 13
         assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 10)], [(13, 0)], 1, 0)
-    else:  # the counter kept all 13; the hash's 3 are a drop below 10: 10 kept, growth after it counts
-        assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 0)], [(10, 7)], 0, 1)
+    else:  # the counter kept all 13; the hash's primary restarted (10 + 3)
+        assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 0)], [(13, 10)], 0, 1)
+
+
+@pytest.mark.parametrize("discovery", ["scan", "index"])
+def test_an_hour_reset_before_never_counts_a_restored_snapshot_twice(own_cluster, pg_conn, table, query, discovery):
+    """The rebase reaches hourly rows on a cluster (found by a review: hours took no server life,
+    so an hour that had a reset took the last good snapshot's value for growth, 18 stored for
+    12). The hash's primary restarts empty (10 kept, 2 counted since), then the last good
+    snapshot (10) is restored: a life that did not start empty, so the row keeps the larger."""
+    import time
+
+    from usage_agg.keys import hourly_key, index_key
+
+    def hashed_apart(m: str) -> bool:
+        ports = {own_cluster.port_of(k) for k in (build_key(m, DAY, "q"), hourly_key(m, DAY, "q"), index_key(DAY))}
+        return len(ports) == 3
+
+    merchant = own_cluster.merchant_where(hashed_apart)
+    hash_port = own_cluster.port_of(hourly_key(merchant, DAY, "q"))
+    at = dt.datetime(2025, 11, 1, 10, 30, tzinfo=dt.timezone.utc)
+
+    def run_and_read(count: int = 0):
+        client = own_cluster.client()
+        if count:
+            track_usage(client, merchant, "q", count, at=at)
+        result = aggregate_day(client, pg_conn, DAY, table=table, discovery=discovery)
+        client.close()
+        daily = query(f"SELECT quantity FROM {table}")
+        hour = query(f"SELECT quantity, redis_offset FROM {table}_hourly")
+        return result, daily, hour
+
+    run_and_read(10)
+    last_good = own_cluster.snapshot(hash_port)
+    time.sleep(UPTIME_RESOLUTION)  # a restart within two seconds of the last read is taken as a drop
+    own_cluster.restart_empty(hash_port)
+    restarted, daily, hour = run_and_read(2)
+    assert (daily, hour, restarted.hourly_resets) == ([(12,)], [(12, 10)], 1)
+    own_cluster.restart_from(hash_port, last_good)  # the hash back at 10
+    rebased, daily, hour = run_and_read()
+    assert (daily, [q for q, _ in hour], rebased.hourly_resets) == ([(12,)], [12], 1)
+    grown, daily, hour = run_and_read(1)  # growth in the restored life counts
+    assert (daily, [q for q, _ in hour], grown.hourly_resets) == ([(13,)], [13], 0)
 
 
 @pytest.mark.parametrize("part", [True, False], ids=["its-part", "whole-day"])
