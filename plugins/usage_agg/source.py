@@ -261,15 +261,16 @@ MISMATCH_SAMPLES = 5
 
 
 def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
-    """Read the hourly hash of every good key of the batch, in one pipelined round trip."""
+    """Read the hourly hash of every good key of the batch, in one pipelined round trip (a
+    single node: on a cluster a part reads the hashes its own primary serves, :func:`_read_hashes`)."""
     # the daily total stays as read (bytes, or an int for a counter) until a key has hours
     good: list[tuple[bytes, bytes, bytes | int]] = [*batch.plain_rows]
     good += [(c.key.merchant_id.encode(), c.key.metric_type.encode(), c.quantity) for c in batch.counters]
     if not good:
         return
     hourly_keys = hourly_keys_of(((merchant, metric) for merchant, metric, _ in good), usage_date)
-    if not is_cluster(client) and not client.exists(*hourly_keys):
-        return  # a batch of daily-only writers: one command says so (on a cluster, EXISTS may not cross slots)
+    if not client.exists(*hourly_keys):  # a single node's (a cluster's hashes are read where they live)
+        return  # a batch of daily-only writers: one command says so
     pipe = client.pipeline(transaction=False)
     for key in hourly_keys:
         pipe.hgetall(key)

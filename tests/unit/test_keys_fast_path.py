@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 from hypothesis import given
@@ -19,6 +20,8 @@ from usage_agg.keys import (
     parse_key_of_day,
     split_keys_of_day,
 )
+from usage_agg.keys import day_and_hours_pattern, day_pattern, hours_pattern
+from usage_agg.source import DAILY_KEY_PREFIX, HOURLY_KEY_PREFIX, _of_day
 
 DAY = dt.date(2025, 11, 1)
 pieces = st.sampled_from(["usage", "usage:", ":", "2025-11-01", "2025-11-02", "q", "", "\x00", "m", "é", "*"])
@@ -127,3 +130,20 @@ def test_the_batch_builds_the_hourly_hash_names_hourly_key_builds(merchant, metr
         return
     ids = [(merchant.encode("utf-8", "surrogateescape"), metric.encode("utf-8", "surrogateescape"))] * 2
     assert hourly_keys_of(ids, DAY) == [expected, expected]
+
+
+key_pieces = st.sampled_from(["usage", "usage:", "usage-hourly:", "usage-index:", ":", ":2025-11-01:", "2025-11-01", "m", "q", "x"])
+
+
+@given(st.lists(key_pieces, max_size=7).map("".join))
+def test_the_readers_day_filter_is_what_each_days_pattern_alone_matches(text):
+    """One SCAN pass matches ``usage*:{day}:*``; the reader keeps a key as a counter or as a hash
+    exactly when ``usage:*:{day}:*`` or ``usage-hourly:*:{day}:*`` (Redis glob) matches it."""
+    def glob(pattern: str, key: str) -> bool:  # these patterns hold no special character but *
+        return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), key, re.DOTALL) is not None
+
+    raw, marker = text.encode(), b":2025-11-01:"
+    assert _of_day(raw, DAILY_KEY_PREFIX, marker) == glob(day_pattern(DAY), text)
+    assert _of_day(raw, HOURLY_KEY_PREFIX, marker) == glob(hours_pattern(DAY), text)
+    if glob(day_pattern(DAY), text) or glob(hours_pattern(DAY), text):
+        assert glob(day_and_hours_pattern(DAY), text)  # the one pass finds both
