@@ -16,7 +16,7 @@ import datetime as dt
 from collections import Counter as Tally
 from dataclasses import asdict, dataclass, field
 
-from usage_agg.keys import build_key, parse_date
+from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX, build_key, parse_date
 from usage_agg.schema import SchemaNames, missing_objects, resolve_names
 from usage_agg.source import DEFAULT_BATCH_SIZE, read_day
 
@@ -224,15 +224,17 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
             "dag_id": row[0], "run_id": row[1], "task_id": row[2], "merchant_id": row[3],
             "finished_at": row[4].isoformat(),
         }  # fmt: skip
-    # One merchant's letters: its key prefix, then a metric type (which holds no ':'), on the raw bytes.
+    # One merchant's letters: those of its daily keys and of their hourly hashes (a hash's own
+    # letter, or one of its fields'), compared as raw bytes: a key prefix, then a metric type
+    # (which holds no ':'). No LIKE, so '_' and '%' in an id are only themselves.
     key_filter = (
         ""
         if merchant_id is None
-        else " AND substring(raw_key FOR %(prefix_length)s) = %(prefix)s"
-        " AND position('\\x3a'::bytea IN substring(raw_key FROM %(prefix_length)s + 1)) = 0"
+        else " AND EXISTS (SELECT 1 FROM unnest(%(prefixes)s::bytea[]) AS p(prefix)"
+        " WHERE substring(raw_key FOR length(p.prefix)) = p.prefix"
+        " AND position('\\x3a'::bytea IN substring(raw_key FROM length(p.prefix) + 1)) = 0)"
     )
-    prefix = f"usage:{merchant_id}:{day.isoformat()}:".encode("utf-8", "surrogateescape")
-    params.update(prefix=prefix, prefix_length=len(prefix))
+    params["prefixes"] = _letter_prefixes(merchant_id, day)
     cur.execute(
         f"""SELECT redis_key, reason, times_seen, last_seen, count(*) OVER () FROM {names.errors.quoted}
             WHERE usage_date = %(day)s AND resolved_at IS NULL{key_filter}
@@ -244,3 +246,12 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
         status.dead_letters.append(
             {"key": key, "reason": reason, "times_seen": int(seen), "last_seen": last_seen.isoformat()}
         )
+
+
+def _letter_prefixes(merchant_id: str | None, day: dt.date) -> list[bytes]:
+    """How the raw keys of one merchant's dead letters of ``day`` begin: its daily keys' and
+    their hourly hashes' names up to the metric type (none for the whole day)."""
+    if merchant_id is None:
+        return []
+    rest = f"{merchant_id}:{day.isoformat()}:"
+    return [(prefix + rest).encode("utf-8", "surrogateescape") for prefix in (KEY_PREFIX, HOURLY_PREFIX)]
