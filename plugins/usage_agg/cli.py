@@ -390,6 +390,13 @@ def _format_status(s) -> str:
         f"    {d['merchant_id']!r} {d['metric_type']}: daily {d['daily']}, hours sum to {d['hourly_sum']}"
         for d in s.hourly_mismatch_samples[:10]
     ]
+    lines.append(f"  stored days whose hourly rows sum differently: {s.stored_hourly_mismatches}")
+    lines += [
+        f"    {d['merchant_id']!r} {d['metric_type']}: "
+        + ("no daily row" if d["daily"] is None else f"daily {d['daily']}")
+        + f", hours sum to {d['hourly_sum']}"
+        for d in s.stored_hourly_mismatch_samples[:10]
+    ]
     if s.hours:
         lines.append(f"  {'hour (UTC)':<22}{'Redis':>14}{'PostgreSQL':>14}")
         lines += [f"  {h['hour'] + ':00':<22}{h['redis']:>14}{h['stored']:>14}" for h in s.hours]

@@ -49,6 +49,12 @@ class DateStatus:
     #: worth seeing; it does not make the date out of sync)
     hourly_mismatches: int = 0
     hourly_mismatch_samples: list[dict] = field(default_factory=list)
+    #: stored days whose stored hours sum to another quantity (merchant_usage against
+    #: merchant_usage_hourly, PostgreSQL alone, so also once Redis expired), with the first
+    #: of them by name; a day without hourly rows (a daily-only writer) is not one. Reported,
+    #: like :attr:`hourly_mismatches`; it does not make the date out of sync
+    stored_hourly_mismatches: int = 0
+    stored_hourly_mismatch_samples: list[dict] = field(default_factory=list)
     #: hourly counts in Redis whose value is not stored (none, or another value)
     hourly_differing_rows: int = 0
     #: with ``hourly=True``: the day's 24 UTC hours, Redis against the hourly table
@@ -224,6 +230,7 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
             "dag_id": row[0], "run_id": row[1], "task_id": row[2], "merchant_id": row[3],
             "finished_at": row[4].isoformat(),
         }  # fmt: skip
+    _compare_stored_days_with_hours(cur, names, day, merchant_id, status)
     # One merchant's letters: those of its daily keys and of their hourly hashes (a hash's own
     # letter, or one of its fields'), compared as raw bytes: a key prefix, then a metric type
     # (which holds no ':'). No LIKE, so '_' and '%' in an id are only themselves.
@@ -255,3 +262,35 @@ def _letter_prefixes(merchant_id: str | None, day: dt.date) -> list[bytes]:
         return []
     rest = f"{merchant_id}:{day.isoformat()}:"
     return [(prefix + rest).encode("utf-8", "surrogateescape") for prefix in (KEY_PREFIX, HOURLY_PREFIX)]
+
+
+def _compare_stored_days_with_hours(
+    cur, names: SchemaNames, day: dt.date, merchant_id: str | None, status: DateStatus
+) -> None:
+    """Count (and name the first of) the stored days whose stored hours sum to another quantity.
+
+    One statement for the date, whatever its size: the day's hourly rows summed per merchant
+    and metric, against their daily rows. Only what has hours is compared (a daily-only
+    writer's days have none); hours without a daily row are a disagreement (daily ``None``).
+    """
+    merchant_filter = "" if merchant_id is None else " AND merchant_id = %(merchant)s"
+    cur.execute(
+        f"""WITH hours AS (
+                SELECT merchant_id, metric_type, sum(quantity) AS hourly_sum FROM {names.hourly.quoted}
+                WHERE usage_hour >= %(day)s::date::timestamp AT TIME ZONE 'UTC'
+                  AND usage_hour < (%(day)s::date + 1)::timestamp AT TIME ZONE 'UTC'{merchant_filter}
+                GROUP BY merchant_id, metric_type
+            )
+            SELECT h.merchant_id, h.metric_type, d.quantity, h.hourly_sum, count(*) OVER ()
+            FROM hours h LEFT JOIN {names.usage.quoted} d
+              ON d.usage_date = %(day)s AND d.merchant_id = h.merchant_id AND d.metric_type = h.metric_type
+            WHERE d.quantity IS DISTINCT FROM h.hourly_sum
+            ORDER BY h.merchant_id, h.metric_type LIMIT %(limit)s""",
+        {"day": day, "merchant": merchant_id, "limit": SAMPLE_LIMIT},
+    )
+    for merchant, metric, daily, hourly_sum, total in cur.fetchall():
+        status.stored_hourly_mismatches = int(total)
+        status.stored_hourly_mismatch_samples.append(
+            {"merchant_id": merchant, "metric_type": metric,
+             "daily": None if daily is None else int(daily), "hourly_sum": int(hourly_sum)}
+        )  # fmt: skip

@@ -36,7 +36,7 @@ PROBLEMS = (
 #: Every count of the status; each is a sum over the merchants.
 COUNTS = (
     "redis_keys", "redis_bad_keys", "table_rows", "differing_rows", "keys_not_in_table", "expiring_unaggregated",
-    "open_dead_letters", "hourly_mismatches", "hourly_differing_rows",
+    "open_dead_letters", "hourly_mismatches", "hourly_differing_rows", "stored_hourly_mismatches",
 )  # fmt: skip
 
 
@@ -88,9 +88,14 @@ def _named(status: DateStatus, merchant: str | None = None) -> dict[str, list]:
         return merchant is None or m == merchant
 
     return {
-        "differences": sorted((d["merchant_id"], d["metric_type"]) for d in status.differences if mine(d["merchant_id"])),
+        "differences": sorted(
+            (d["merchant_id"], d["metric_type"]) for d in status.differences if mine(d["merchant_id"])
+        ),
         "missing_keys": sorted(k for k in status.missing_keys if mine(parse_key(k).merchant_id)),
         "dead_letters": sorted(d["key"] for d in status.dead_letters if mine(_merchant_of_letter(d["key"]))),
+        "stored_hourly_mismatch_samples": sorted(
+            tuple(d.values()) for d in status.stored_hourly_mismatch_samples if mine(d["merchant_id"])
+        ),
         "hourly_mismatch_samples": sorted(
             tuple(d.values()) for d in status.hourly_mismatch_samples if mine(d["merchant_id"])
         ),
