@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ import redis
 
 from tests.conftest import REDIS_HOST, REDIS_PORT, pg_connect, redis_server_binary
 from usage_agg.aggregate import aggregate_day
+from usage_agg.keys import hourly_key
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"
@@ -90,6 +92,22 @@ def test_status_dead_letters_are_listed(redis_client, usage_env):
     status = json.loads(usage_agg("status", DAY, "--json").stdout)
     assert status["open_dead_letters"] == 1
     assert status["dead_letters"][0]["key"] == f"usage:broken:{DAY}:queries"
+
+
+def test_one_merchants_status_counts_its_hourly_dead_letters_as_the_whole_day_does(aggregated, usage_env):
+    merchant = "a_b%:c"  # LIKE's wildcards, and a ':'
+    track_usage(aggregated, merchant, "queries", 2, at=dt.datetime(2025, 11, 1, 9, tzinfo=dt.UTC))
+    aggregated.hset(hourly_key(merchant, DAY, "queries"), "24", 1)  # a bad field: a dead letter of its own
+    conn = pg_connect()
+    aggregate_day(aggregated, conn, DAY, table=usage_env)
+    conn.close()
+    whole = usage_agg("status", DAY, "--json")
+    alone = usage_agg("status", DAY, "--merchant", merchant, "--json")
+    assert (whole.returncode, alone.returncode) == (1, 1), alone.stdout + alone.stderr
+    letter = f"usage-hourly:{merchant}:{DAY}:queries field 24"
+    assert [d["key"] for d in json.loads(alone.stdout)["dead_letters"]] == [letter]
+    assert [d["key"] for d in json.loads(whole.stdout)["dead_letters"]] == [letter]
+    assert usage_agg("status", DAY, "--merchant", "aXb%:c").returncode == 0  # LIKE would have matched it
 
 
 def test_clear_one_line_errors(usage_env):
