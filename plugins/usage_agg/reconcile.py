@@ -75,13 +75,19 @@ class DateStatus:
         return {**asdict(self), "in_sync": self.in_sync}
 
 
+class SchemaMissing(ValueError):
+    """The usage table, or a table beside it, does not exist: the date cannot be checked."""
+
+
 def reconcile_date(
     redis_client, pg_conn, usage_date, *, merchant_id: str | None = None, table: str = "merchant_usage",
-    batch_size: int = DEFAULT_BATCH_SIZE, hourly: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE, hourly: bool = False, require_schema: bool = False,
 ) -> DateStatus:  # fmt: skip
     """Compare one date (optionally one merchant) between Redis and the table, hours included.
 
     :param hourly: also report the day's 24 UTC hours one by one (:attr:`DateStatus.hours`).
+    :param require_schema: raise :class:`SchemaMissing` (before reading Redis) when a table is
+        missing, instead of reporting Redis alone with ``schema_exists`` false.
     """
     day = parse_date(usage_date)
     names = resolve_names(pg_conn, table)
@@ -93,6 +99,8 @@ def reconcile_date(
         str(names.hourly),
     }
     status.schema_exists = not missing_tables
+    if missing_tables and require_schema:
+        raise SchemaMissing(_missing_tables_message(names, missing_tables))
     redis_totals: Tally[str] = Tally()
     redis_hours: Tally[int] = Tally()
     try:
@@ -112,6 +120,17 @@ def reconcile_date(
         pg_conn.rollback()  # read-only: end the transaction, also when an error escapes
     status.redis_totals = dict(sorted(redis_totals.items()))
     return status
+
+
+def _missing_tables_message(names: SchemaNames, missing: set[str]) -> str:
+    if str(names.usage) in missing:
+        what = "it does not exist"
+    else:
+        what = f"{', '.join(sorted(missing))} beside it {'does' if len(missing) == 1 else 'do'} not exist"
+    return (
+        f"table {names.usage} could not be checked: {what} "
+        "(no aggregation has created it yet, or the name is not a usage table's)"
+    )
 
 
 def _compare_counters(redis_client, cur, names: SchemaNames, day: dt.date, batch, status: DateStatus, totals) -> None:

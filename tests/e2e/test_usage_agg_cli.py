@@ -16,6 +16,7 @@ import redis
 from tests.conftest import REDIS_HOST, REDIS_PORT, pg_connect, redis_server_binary
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import hourly_key
+from usage_agg.sink import ensure_schema
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"
@@ -110,6 +111,20 @@ def test_one_merchants_status_counts_its_hourly_dead_letters_as_the_whole_day_do
     assert usage_agg("status", DAY, "--merchant", "aXb%:c").returncode == 0  # LIKE would have matched it
 
 
+def test_a_table_that_does_not_exist_could_not_be_checked(redis_client, usage_env, pg_schema):
+    track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
+    for table, shown in (
+        ("no_such_table", "public.no_such_table"),
+        (f"{pg_schema}.no_such_table", f"{pg_schema}.no_such_table"),
+        ("no_such_schema.merchant_usage", "no_such_schema.merchant_usage"),
+        (None, usage_env),  # the configured table, before any aggregation created it
+    ):
+        done = usage_agg("status", DAY, "--json", *(["--table", table] if table else []))
+        line = one_line_error(done)
+        assert line.startswith(f"usage-agg: table {shown} could not be checked: it does not exist"), line
+        assert done.stdout == ""
+
+
 def test_clear_one_line_errors(usage_env):
     assert "date: " in one_line_error(usage_agg("status", "2025-13-01"))
     assert "connection 'missing_conn' is not defined" in one_line_error(
@@ -173,6 +188,13 @@ def test_a_merchant_id_that_is_not_utf8_is_named(usage_env):
     assert line == "usage-agg: --merchant: the merchant id is not valid UTF-8 (byte 0xff at byte offset 4)"
 
 
+def _create_schema(table: str) -> None:
+    """The tables, empty (a status of a table that does not exist could not be checked)."""
+    conn = pg_connect()
+    ensure_schema(conn, table)
+    conn.close()
+
+
 def test_connections_from_the_metadata_db(redis_client, usage_env):
     conn_id = f"usage_redis_{uuid.uuid4().hex[:8]}"
     db = redis_client.connection_pool.connection_kwargs["db"]
@@ -181,6 +203,7 @@ def test_connections_from_the_metadata_db(redis_client, usage_env):
     subprocess.run(add, check=True, capture_output=True, timeout=120)
     try:
         track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
+        _create_schema(usage_env)
         status = json.loads(usage_agg("status", DAY, "--json", "--redis-conn-id", conn_id).stdout)
         assert status["redis_keys"] == 1
     finally:
@@ -292,5 +315,6 @@ def test_connections_from_a_secrets_backend(redis_client, usage_env, tmp_path, m
         "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps({"connections_file_path": str(secrets)}),
     }
     track_usage(redis_client, "acme", "queries", 2, usage_date=DAY)
+    _create_schema(usage_env)
     done = usage_agg("status", DAY, "--json", "--redis-conn-id", "vaulted_redis", env=env)
     assert json.loads(done.stdout)["redis_totals"] == {"queries": 2}, done.stderr
