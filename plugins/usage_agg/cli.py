@@ -134,7 +134,7 @@ def airflow_health(args) -> None:
 
 def run_status(args) -> int:
     from usage_agg.keys import parse_date
-    from usage_agg.reconcile import reconcile_date
+    from usage_agg.reconcile import SchemaMissing, reconcile_date
 
     try:
         day = parse_date(args.date, field="date")
@@ -142,10 +142,18 @@ def run_status(args) -> int:
         raise CliError(str(err)) from None
     if args.merchant is not None and not args.merchant:
         raise CliError("--merchant: must not be empty")
+
+    def reconcile(redis_client, pg_conn):
+        try:
+            return reconcile_date(
+                redis_client, pg_conn, day, merchant_id=args.merchant, table=args.table, hourly=args.hourly,
+                require_schema=True,
+            )  # fmt: skip
+        except SchemaMissing as err:  # nothing to compare Redis with: not checkable, exit status 2
+            raise CliError(str(err)) from None
+
     with _stores(args) as (redis_client, pg_conn):
-        status = _guard("reading", lambda: reconcile_date(
-            redis_client, pg_conn, day, merchant_id=args.merchant, table=args.table, hourly=args.hourly
-        ))  # fmt: skip
+        status = _guard("reading", lambda: reconcile(redis_client, pg_conn))
     if args.json:
         print(json.dumps(status.to_dict(), indent=2, default=str))
     else:
@@ -359,8 +367,6 @@ def _guard(what: str, action):
 def _format_status(s) -> str:
     scope = f" merchant {s.merchant_id!r}" if s.merchant_id is not None else ""
     lines = [f"usage-agg status {s.usage_date}{scope} ({s.table}): {'IN SYNC' if s.in_sync else 'NOT IN SYNC'}"]
-    if not s.schema_exists:
-        lines.append(f"  table {s.table} does not exist yet (no aggregation has run)")
     lines.append(f"  {'':<22}{'Redis':>14}{'PostgreSQL':>14}")
     lines.append(f"  {'keys / rows':<22}{s.redis_keys:>14}{s.table_rows:>14}")
     for metric in sorted(set(s.redis_totals) | set(s.table_totals)):
@@ -389,6 +395,13 @@ def _format_status(s) -> str:
     lines += [
         f"    {d['merchant_id']!r} {d['metric_type']}: daily {d['daily']}, hours sum to {d['hourly_sum']}"
         for d in s.hourly_mismatch_samples[:10]
+    ]
+    lines.append(f"  stored days whose hourly rows sum differently: {s.stored_hourly_mismatches}")
+    lines += [
+        f"    {d['merchant_id']!r} {d['metric_type']}: "
+        + ("no daily row" if d["daily"] is None else f"daily {d['daily']}")
+        + f", hours sum to {d['hourly_sum']}"
+        for d in s.stored_hourly_mismatch_samples[:10]
     ]
     if s.hours:
         lines.append(f"  {'hour (UTC)':<22}{'Redis':>14}{'PostgreSQL':>14}")

@@ -16,7 +16,7 @@ import datetime as dt
 from collections import Counter as Tally
 from dataclasses import asdict, dataclass, field
 
-from usage_agg.keys import build_key, parse_date
+from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX, build_key, parse_date
 from usage_agg.schema import SchemaNames, missing_objects, resolve_names
 from usage_agg.source import DEFAULT_BATCH_SIZE, read_day
 
@@ -49,6 +49,12 @@ class DateStatus:
     #: worth seeing; it does not make the date out of sync)
     hourly_mismatches: int = 0
     hourly_mismatch_samples: list[dict] = field(default_factory=list)
+    #: stored days whose stored hours sum to another quantity (merchant_usage against
+    #: merchant_usage_hourly, PostgreSQL alone, so also once Redis expired), with the first
+    #: of them by name; a day without hourly rows (a daily-only writer) is not one. Reported,
+    #: like :attr:`hourly_mismatches`; it does not make the date out of sync
+    stored_hourly_mismatches: int = 0
+    stored_hourly_mismatch_samples: list[dict] = field(default_factory=list)
     #: hourly counts in Redis whose value is not stored (none, or another value)
     hourly_differing_rows: int = 0
     #: with ``hourly=True``: the day's 24 UTC hours, Redis against the hourly table
@@ -69,13 +75,19 @@ class DateStatus:
         return {**asdict(self), "in_sync": self.in_sync}
 
 
+class SchemaMissing(ValueError):
+    """The usage table, or a table beside it, does not exist: the date cannot be checked."""
+
+
 def reconcile_date(
     redis_client, pg_conn, usage_date, *, merchant_id: str | None = None, table: str = "merchant_usage",
-    batch_size: int = DEFAULT_BATCH_SIZE, hourly: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE, hourly: bool = False, require_schema: bool = False,
 ) -> DateStatus:  # fmt: skip
     """Compare one date (optionally one merchant) between Redis and the table, hours included.
 
     :param hourly: also report the day's 24 UTC hours one by one (:attr:`DateStatus.hours`).
+    :param require_schema: raise :class:`SchemaMissing` (before reading Redis) when a table is
+        missing, instead of reporting Redis alone with ``schema_exists`` false.
     """
     day = parse_date(usage_date)
     names = resolve_names(pg_conn, table)
@@ -87,6 +99,8 @@ def reconcile_date(
         str(names.hourly),
     }
     status.schema_exists = not missing_tables
+    if missing_tables and require_schema:
+        raise SchemaMissing(_missing_tables_message(names, missing_tables))
     redis_totals: Tally[str] = Tally()
     redis_hours: Tally[int] = Tally()
     try:
@@ -106,6 +120,17 @@ def reconcile_date(
         pg_conn.rollback()  # read-only: end the transaction, also when an error escapes
     status.redis_totals = dict(sorted(redis_totals.items()))
     return status
+
+
+def _missing_tables_message(names: SchemaNames, missing: set[str]) -> str:
+    if str(names.usage) in missing:
+        what = "it does not exist"
+    else:
+        what = f"{', '.join(sorted(missing))} beside it {'does' if len(missing) == 1 else 'do'} not exist"
+    return (
+        f"table {names.usage} could not be checked: {what} "
+        "(no aggregation has created it yet, or the name is not a usage table's)"
+    )
 
 
 def _compare_counters(redis_client, cur, names: SchemaNames, day: dt.date, batch, status: DateStatus, totals) -> None:
@@ -224,15 +249,18 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
             "dag_id": row[0], "run_id": row[1], "task_id": row[2], "merchant_id": row[3],
             "finished_at": row[4].isoformat(),
         }  # fmt: skip
-    # One merchant's letters: its key prefix, then a metric type (which holds no ':'), on the raw bytes.
+    _compare_stored_days_with_hours(cur, names, day, merchant_id, status)
+    # One merchant's letters: those of its daily keys and of their hourly hashes (a hash's own
+    # letter, or one of its fields'), compared as raw bytes: a key prefix, then a metric type
+    # (which holds no ':'). No LIKE, so '_' and '%' in an id are only themselves.
     key_filter = (
         ""
         if merchant_id is None
-        else " AND substring(raw_key FOR %(prefix_length)s) = %(prefix)s"
-        " AND position('\\x3a'::bytea IN substring(raw_key FROM %(prefix_length)s + 1)) = 0"
+        else " AND EXISTS (SELECT 1 FROM unnest(%(prefixes)s::bytea[]) AS p(prefix)"
+        " WHERE substring(raw_key FOR length(p.prefix)) = p.prefix"
+        " AND position('\\x3a'::bytea IN substring(raw_key FROM length(p.prefix) + 1)) = 0)"
     )
-    prefix = f"usage:{merchant_id}:{day.isoformat()}:".encode("utf-8", "surrogateescape")
-    params.update(prefix=prefix, prefix_length=len(prefix))
+    params["prefixes"] = _letter_prefixes(merchant_id, day)
     cur.execute(
         f"""SELECT redis_key, reason, times_seen, last_seen, count(*) OVER () FROM {names.errors.quoted}
             WHERE usage_date = %(day)s AND resolved_at IS NULL{key_filter}
@@ -244,3 +272,44 @@ def _read_table_side(cur, names: SchemaNames, day: dt.date, merchant_id: str | N
         status.dead_letters.append(
             {"key": key, "reason": reason, "times_seen": int(seen), "last_seen": last_seen.isoformat()}
         )
+
+
+def _letter_prefixes(merchant_id: str | None, day: dt.date) -> list[bytes]:
+    """How the raw keys of one merchant's dead letters of ``day`` begin: its daily keys' and
+    their hourly hashes' names up to the metric type (none for the whole day)."""
+    if merchant_id is None:
+        return []
+    rest = f"{merchant_id}:{day.isoformat()}:"
+    return [(prefix + rest).encode("utf-8", "surrogateescape") for prefix in (KEY_PREFIX, HOURLY_PREFIX)]
+
+
+def _compare_stored_days_with_hours(
+    cur, names: SchemaNames, day: dt.date, merchant_id: str | None, status: DateStatus
+) -> None:
+    """Count (and name the first of) the stored days whose stored hours sum to another quantity.
+
+    One statement for the date, whatever its size: the day's hourly rows summed per merchant
+    and metric, against their daily rows. Only what has hours is compared (a daily-only
+    writer's days have none); hours without a daily row are a disagreement (daily ``None``).
+    """
+    merchant_filter = "" if merchant_id is None else " AND merchant_id = %(merchant)s"
+    cur.execute(
+        f"""WITH hours AS (
+                SELECT merchant_id, metric_type, sum(quantity) AS hourly_sum FROM {names.hourly.quoted}
+                WHERE usage_hour >= %(day)s::date::timestamp AT TIME ZONE 'UTC'
+                  AND usage_hour < (%(day)s::date + 1)::timestamp AT TIME ZONE 'UTC'{merchant_filter}
+                GROUP BY merchant_id, metric_type
+            )
+            SELECT h.merchant_id, h.metric_type, d.quantity, h.hourly_sum, count(*) OVER ()
+            FROM hours h LEFT JOIN {names.usage.quoted} d
+              ON d.usage_date = %(day)s AND d.merchant_id = h.merchant_id AND d.metric_type = h.metric_type
+            WHERE d.quantity IS DISTINCT FROM h.hourly_sum
+            ORDER BY h.merchant_id, h.metric_type LIMIT %(limit)s""",
+        {"day": day, "merchant": merchant_id, "limit": SAMPLE_LIMIT},
+    )
+    for merchant, metric, daily, hourly_sum, total in cur.fetchall():
+        status.stored_hourly_mismatches = int(total)
+        status.stored_hourly_mismatch_samples.append(
+            {"merchant_id": merchant, "metric_type": metric,
+             "daily": None if daily is None else int(daily), "hourly_sum": int(hourly_sum)}
+        )  # fmt: skip

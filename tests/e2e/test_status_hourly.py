@@ -40,3 +40,26 @@ def test_status_shows_the_24_hours_and_a_day_that_disagrees_with_its_hours(redis
     status = json.loads(done.stdout)
     assert (status["hourly_differing_rows"], status["hourly_mismatches"]) == (1, 1)
     assert status["hours"][17] == {"hour": "17", "redis": 3, "stored": 2}
+
+
+def test_status_names_stored_days_whose_hours_sum_differently_without_redis(redis_client, usage_env):
+    track_usage(redis_client, "acme", "queries", 5, at=dt.datetime(2025, 11, 1, 3, 20, tzinfo=dt.UTC))
+    track_usage(redis_client, "daily-only", "queries", 4, usage_date="2025-11-01")  # no hours: not compared
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, "2025-11-01", table=usage_env)
+    with conn.cursor() as cur:  # a writer breaking the protocol: one hour written straight into the table
+        cur.execute(f"UPDATE {usage_env}_hourly SET quantity = 9 WHERE merchant_id = 'acme'")
+    conn.commit()
+    conn.close()
+    redis_client.flushdb()  # every key expired
+
+    done = usage_agg("status", "2025-11-01")
+    assert done.returncode == 0, done.stdout + done.stderr  # reported, not a sync failure
+    lines = done.stdout.splitlines()
+    assert "  stored days whose hourly rows sum differently: 1" in lines
+    assert "    'acme' queries: daily 5, hours sum to 9" in lines
+    status = json.loads(usage_agg("status", "2025-11-01", "--merchant", "acme", "--json").stdout)
+    assert status["stored_hourly_mismatches"] == 1 and status["in_sync"] is True
+    assert status["stored_hourly_mismatch_samples"] == [
+        {"merchant_id": "acme", "metric_type": "queries", "daily": 5, "hourly_sum": 9}
+    ]

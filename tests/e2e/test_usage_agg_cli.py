@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import socket
@@ -14,6 +15,8 @@ import redis
 
 from tests.conftest import REDIS_HOST, REDIS_PORT, pg_connect, redis_server_binary
 from usage_agg.aggregate import aggregate_day
+from usage_agg.keys import hourly_key
+from usage_agg.sink import ensure_schema
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"
@@ -92,6 +95,36 @@ def test_status_dead_letters_are_listed(redis_client, usage_env):
     assert status["dead_letters"][0]["key"] == f"usage:broken:{DAY}:queries"
 
 
+def test_one_merchants_status_counts_its_hourly_dead_letters_as_the_whole_day_does(aggregated, usage_env):
+    merchant = "a_b%:c"  # LIKE's wildcards, and a ':'
+    track_usage(aggregated, merchant, "queries", 2, at=dt.datetime(2025, 11, 1, 9, tzinfo=dt.UTC))
+    aggregated.hset(hourly_key(merchant, DAY, "queries"), "24", 1)  # a bad field: a dead letter of its own
+    conn = pg_connect()
+    aggregate_day(aggregated, conn, DAY, table=usage_env)
+    conn.close()
+    whole = usage_agg("status", DAY, "--json")
+    alone = usage_agg("status", DAY, "--merchant", merchant, "--json")
+    assert (whole.returncode, alone.returncode) == (1, 1), alone.stdout + alone.stderr
+    letter = f"usage-hourly:{merchant}:{DAY}:queries field 24"
+    assert [d["key"] for d in json.loads(alone.stdout)["dead_letters"]] == [letter]
+    assert [d["key"] for d in json.loads(whole.stdout)["dead_letters"]] == [letter]
+    assert usage_agg("status", DAY, "--merchant", "aXb%:c").returncode == 0  # LIKE would have matched it
+
+
+def test_a_table_that_does_not_exist_could_not_be_checked(redis_client, usage_env, pg_schema):
+    track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
+    for table, shown in (
+        ("no_such_table", "public.no_such_table"),
+        (f"{pg_schema}.no_such_table", f"{pg_schema}.no_such_table"),
+        ("no_such_schema.merchant_usage", "no_such_schema.merchant_usage"),
+        (None, usage_env),  # the configured table, before any aggregation created it
+    ):
+        done = usage_agg("status", DAY, "--json", *(["--table", table] if table else []))
+        line = one_line_error(done)
+        assert line.startswith(f"usage-agg: table {shown} could not be checked: it does not exist"), line
+        assert done.stdout == ""
+
+
 def test_clear_one_line_errors(usage_env):
     assert "date: " in one_line_error(usage_agg("status", "2025-13-01"))
     assert "connection 'missing_conn' is not defined" in one_line_error(
@@ -155,6 +188,13 @@ def test_a_merchant_id_that_is_not_utf8_is_named(usage_env):
     assert line == "usage-agg: --merchant: the merchant id is not valid UTF-8 (byte 0xff at byte offset 4)"
 
 
+def _create_schema(table: str) -> None:
+    """The tables, empty (a status of a table that does not exist could not be checked)."""
+    conn = pg_connect()
+    ensure_schema(conn, table)
+    conn.close()
+
+
 def test_connections_from_the_metadata_db(redis_client, usage_env):
     conn_id = f"usage_redis_{uuid.uuid4().hex[:8]}"
     db = redis_client.connection_pool.connection_kwargs["db"]
@@ -163,6 +203,7 @@ def test_connections_from_the_metadata_db(redis_client, usage_env):
     subprocess.run(add, check=True, capture_output=True, timeout=120)
     try:
         track_usage(redis_client, "acme", "queries", 1, usage_date=DAY)
+        _create_schema(usage_env)
         status = json.loads(usage_agg("status", DAY, "--json", "--redis-conn-id", conn_id).stdout)
         assert status["redis_keys"] == 1
     finally:
@@ -274,5 +315,6 @@ def test_connections_from_a_secrets_backend(redis_client, usage_env, tmp_path, m
         "AIRFLOW__SECRETS__BACKEND_KWARGS": json.dumps({"connections_file_path": str(secrets)}),
     }
     track_usage(redis_client, "acme", "queries", 2, usage_date=DAY)
+    _create_schema(usage_env)
     done = usage_agg("status", DAY, "--json", "--redis-conn-id", "vaulted_redis", env=env)
     assert json.loads(done.stdout)["redis_totals"] == {"queries": 2}, done.stderr

@@ -6,7 +6,7 @@ import pytest
 
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import build_key
-from usage_agg.reconcile import EXPIRY_WARNING, reconcile_date
+from usage_agg.reconcile import EXPIRY_WARNING, SchemaMissing, reconcile_date
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"
@@ -32,6 +32,28 @@ def test_any_missing_table_of_the_three_means_no_schema(redis_client, pg_conn, t
     query(f"DROP TABLE {pg_schema}.{dropped}; SELECT 1")
     status = reconcile_date(redis_client, pg_conn, DAY, table=table)
     assert (status.schema_exists, status.in_sync, status.redis_keys) == (False, False, 1)
+
+
+class NoRedis:
+    """A Redis client that must not be used."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"Redis was used ({name}) although the date could not be checked")
+
+
+@pytest.mark.parametrize("dropped", ["merchant_usage CASCADE", "usage_aggregation_errors", "merchant_usage_hourly"])
+def test_a_missing_table_with_require_schema_stops_before_redis(
+    redis_client, pg_conn, table, pg_schema, query, dropped
+):
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    query(f"DROP TABLE {pg_schema}.{dropped}; SELECT 1")
+    missing = "it" if dropped.startswith("merchant_usage ") else f"{pg_schema}.{dropped} beside it"
+    with pytest.raises(SchemaMissing) as raised:
+        reconcile_date(NoRedis(), pg_conn, DAY, table=table, require_schema=True)
+    assert str(raised.value).startswith(f"table {table} could not be checked: {missing} does not exist (")
+    with pytest.raises(SchemaMissing) as raised:
+        reconcile_date(NoRedis(), pg_conn, DAY, table="no_such_schema.merchant_usage", require_schema=True)
+    assert str(raised.value).startswith("table no_such_schema.merchant_usage could not be checked: it does not exist")
 
 
 class CountingReads:

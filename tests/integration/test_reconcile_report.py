@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from usage_agg.aggregate import aggregate_day
-from usage_agg.keys import build_key
+from usage_agg.keys import build_key, hourly_key
 from usage_agg.reconcile import SAMPLE_LIMIT, reconcile_date
 from usage_agg.tracking import track_usage
 
@@ -65,6 +65,8 @@ def test_the_whole_day_report(redis_client, pg_conn, table):
         "open_dead_letters": 1,
         "hourly_mismatches": 0,
         "hourly_mismatch_samples": [],
+        "stored_hourly_mismatches": 0,
+        "stored_hourly_mismatch_samples": [],
         "hourly_differing_rows": 0,
         "hours": [],
         "in_sync": False,
@@ -112,3 +114,55 @@ def test_samples_stop_at_the_limit_across_batches_while_the_counts_go_on(redis_c
     assert [d["key"] for d in status.dead_letters] == sorted(d["key"] for d in status.dead_letters)
     assert status.dead_letters[0]["key"] == build_key("bad000", DAY, "q")
     assert status.redis_totals == {"q": 3 * many} and status.table_totals == {"q": many}
+
+
+def test_stored_days_and_their_hours_are_compared_in_postgresql_alone(redis_client, pg_conn, table, query):
+    at = dt.datetime(2025, 11, 1, 3, 20, tzinfo=dt.UTC)
+    track_usage(redis_client, "acme", "queries", 5, at=at)
+    track_usage(redis_client, "acme", "queries", 2, at=at.replace(hour=17))
+    track_usage(redis_client, "a_b", "api", 3, at=at)
+    track_usage(redis_client, "aXb", "api", 3, at=at)  # in agreement: its hours sum to its day
+    track_usage(redis_client, "daily-only", "q", 4, usage_date=DAY)  # no hours at all: nothing to compare
+    track_usage(redis_client, "acme", "queries", 6, at=at + dt.timedelta(days=1))  # the next day: never counted
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    aggregate_day(redis_client, pg_conn, "2025-11-02", table=table)
+    # an allow_decrease rerun after the hours expired: the day falls to 3, its stored hours stay 5 + 2
+    redis_client.set(build_key("acme", DAY, "queries"), 3)
+    redis_client.delete(hourly_key("acme", DAY, "queries"))
+    aggregate_day(redis_client, pg_conn, DAY, table=table, merchant_id="acme", allow_decrease=True)
+    # a writer breaking the protocol: one hour written straight into the table
+    query(f"UPDATE {table}_hourly SET quantity = quantity + 4 WHERE merchant_id = 'a_b' RETURNING 1")
+    redis_client.flushdb()  # every key expired: PostgreSQL alone says it
+
+    status = reconcile_date(redis_client, pg_conn, DAY, table=table)
+    assert (status.redis_keys, status.table_rows) == (0, 4)
+    assert status.stored_hourly_mismatches == 2
+    assert status.stored_hourly_mismatch_samples == [
+        {"merchant_id": "a_b", "metric_type": "api", "daily": 3, "hourly_sum": 7},
+        {"merchant_id": "acme", "metric_type": "queries", "daily": 3, "hourly_sum": 7},
+    ]
+    assert status.in_sync  # reported, like the hourly mismatches Redis shows: not a sync failure
+    acme = reconcile_date(redis_client, pg_conn, DAY, table=table, merchant_id="acme")
+    assert (acme.stored_hourly_mismatches, acme.stored_hourly_mismatch_samples) == (
+        1, [{"merchant_id": "acme", "metric_type": "queries", "daily": 3, "hourly_sum": 7}],
+    )  # fmt: skip
+    assert reconcile_date(redis_client, pg_conn, "2025-11-02", table=table).stored_hourly_mismatches == 0
+
+    query(f"DELETE FROM {table} WHERE merchant_id = 'a_b' RETURNING 1")  # hours with no day at all
+    status = reconcile_date(redis_client, pg_conn, DAY, table=table, merchant_id="a_b")
+    assert status.stored_hourly_mismatch_samples == [
+        {"merchant_id": "a_b", "metric_type": "api", "daily": None, "hourly_sum": 7}
+    ]
+
+
+def test_stored_days_against_their_hours_are_counted_past_the_names(redis_client, pg_conn, table, query):
+    at = dt.datetime(2025, 11, 1, 23, 59, tzinfo=dt.UTC)
+    many = SAMPLE_LIMIT + 3
+    for i in range(many):
+        track_usage(redis_client, f"m{i:03}", "q", 2, at=at)
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    query(f"UPDATE {table} SET quantity = 1 RETURNING 1")
+    status = reconcile_date(redis_client, pg_conn, DAY, table=table)
+    assert (status.stored_hourly_mismatches, len(status.stored_hourly_mismatch_samples)) == (many, SAMPLE_LIMIT)
+    assert status.stored_hourly_mismatch_samples[0] == {"merchant_id": "m000", "metric_type": "q", "daily": 1,
+                                                        "hourly_sum": 2}  # fmt: skip
