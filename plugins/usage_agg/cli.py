@@ -393,7 +393,9 @@ def _format_status(s) -> str:
     lines.append(f"  hourly counts not stored: {s.hourly_differing_rows}")
     lines.append(f"  keys whose daily total differs from their hours: {s.hourly_mismatches}")
     lines += [
-        f"    {d['merchant_id']!r} {d['metric_type']}: daily {d['daily']}, hours sum to {d['hourly_sum']}"
+        f"    {d['merchant_id']!r} {d['metric_type']}: "
+        + ("no daily counter" if d["daily"] is None else f"daily {d['daily']}")
+        + f", hours sum to {d['hourly_sum']}"
         for d in s.hourly_mismatch_samples[:10]
     ]
     lines.append(f"  stored days whose hourly rows sum differently: {s.stored_hourly_mismatches}")

@@ -63,3 +63,22 @@ def test_status_names_stored_days_whose_hours_sum_differently_without_redis(redi
     assert status["stored_hourly_mismatch_samples"] == [
         {"merchant_id": "acme", "metric_type": "queries", "daily": 5, "hourly_sum": 9}
     ]
+
+
+def test_status_names_an_hour_written_without_its_day(redis_client, usage_env):
+    """A writer that sent HINCRBY and no INCRBY: not in sync until stored, then still named."""
+    conn = pg_connect()
+    aggregate_day(redis_client, conn, "2025-10-31", table=usage_env)  # the tables exist, the day is not read yet
+    redis_client.hincrby(hourly_key("nodejs_shop", "2025-11-01", "api_calls"), "14", 3)
+    done = usage_agg("status", "2025-11-01", "--hourly")
+    assert done.returncode == 1, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert "  hourly counts not stored: 1" in lines
+    assert "  14:00                              3             0" in lines
+    aggregate_day(redis_client, conn, "2025-11-01", table=usage_env)
+    conn.close()
+    done = usage_agg("status", "2025-11-01", "--merchant", "nodejs_shop")
+    assert done.returncode == 0, done.stdout + done.stderr  # stored: in sync, and still reported
+    lines = done.stdout.splitlines()
+    assert "    'nodejs_shop' api_calls: no daily counter, hours sum to 3" in lines
+    assert "    'nodejs_shop' api_calls: no daily row, hours sum to 3" in lines
