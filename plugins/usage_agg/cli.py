@@ -382,6 +382,7 @@ def _format_status(s) -> str:
     lines.append(f"  never aggregated and expiring within a day: {s.expiring_unaggregated}")
     lines += [f"    {e['key']} (TTL {e['ttl_seconds']} s)" for e in s.expiring_keys[:10]]
     lines.append(f"  bad keys in Redis: {s.redis_bad_keys}")
+    lines.append(f"  bad hourly fields in Redis: {s.redis_bad_hours}")
     run = s.last_successful_run
     lines.append(
         f"  last successful run: {run['dag_id']} {run['run_id']} {run['task_id']} at {run['finished_at']}"

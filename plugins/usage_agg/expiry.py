@@ -41,7 +41,7 @@ from usage_agg.keys import (
 )
 from usage_agg.reconcile import EXPIRY_WARNING
 from usage_agg.schema import SchemaNames, missing_objects, resolve_names
-from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW
+from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW, count_or_none
 
 TTL_SAMPLE_BATCH = 1_000
 DAILY_PREFIX = KEY_PREFIX.encode()
@@ -61,7 +61,7 @@ class DayInRedis:
     indexed: bool = False
     #: keys found by SCAN that were missing from the day's index (now added to it)
     unindexed_keys: int = 0
-    #: hourly hashes whose daily counter does not exist, added to the day's index (an indexed day)
+    #: hourly hashes whose daily counter is missing or bad, added to the day's index (an indexed day)
     hours_without_day: int = 0
     #: keys (daily counters and hourly hashes) with less than EXPIRY_WARNING to live
     expiring_keys: int = 0
@@ -240,7 +240,7 @@ def _scan_days(
             pipe.sismember(index_key(day), key)
         for key, _ in hourly:
             pipe.ttl(key)
-            pipe.exists(daily_key_of_hours(key))
+            pipe.get(daily_key_of_hours(key))
         replies = pipe.execute(raise_on_error=False)
         repair = redis_client.pipeline(transaction=False)
         expiring: list[tuple[bytes, dt.date, int]] = []
@@ -254,7 +254,8 @@ def _scan_days(
                     entry.expiring_keys += 1
                     (expiring_hours if is_hash else expiring).append((key, day, ttl))
             if is_hash:
-                if entry.indexed and not second:  # its day's counter does not exist: index the hash itself
+                # its day's counter is missing or bad, so no run reads the hash through it: index the hash itself
+                if entry.indexed and count_or_none(second) is None:
                     entry.hours_without_day += 1
                     repair.sadd(index_key(day), key)
             elif entry.indexed and not second:

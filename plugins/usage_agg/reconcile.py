@@ -33,6 +33,8 @@ class DateStatus:
     schema_exists: bool = True
     redis_keys: int = 0
     redis_bad_keys: int = 0
+    #: hourly hashes, or fields of them, in Redis that cannot be stored (bad, as bad keys are)
+    redis_bad_hours: int = 0
     table_rows: int = 0
     redis_totals: dict[str, int] = field(default_factory=dict)
     table_totals: dict[str, int] = field(default_factory=dict)
@@ -67,6 +69,7 @@ class DateStatus:
             and not self.differing_rows
             and not self.keys_not_in_table
             and not self.redis_bad_keys
+            and not self.redis_bad_hours
             and not self.open_dead_letters
             and not self.hourly_differing_rows
         )
@@ -157,6 +160,7 @@ def _compare_counters(redis_client, cur, names: SchemaNames, day: dt.date, batch
 
 def _compare_hours(cur, names: SchemaNames, day: dt.date, batch, status: DateStatus, redis_hours) -> None:
     """Tally a batch's hourly counts, and count those whose value is not stored."""
+    status.redis_bad_hours += len(batch.bad_hours)
     status.hourly_mismatches += batch.hourly_mismatches
     room = SAMPLE_LIMIT - len(status.hourly_mismatch_samples)
     status.hourly_mismatch_samples.extend(batch.mismatch_samples[: max(room, 0)])

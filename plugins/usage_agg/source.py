@@ -9,7 +9,6 @@ size, not by how many keys the day holds.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -285,7 +284,17 @@ def _read_hours(client, batch: Batch, usage_date: dt.date) -> None:
             _note_mismatch(batch, merchant, metric, int(daily), total, DAILY_DIFFERS)
 
 
-_DIGITS = re.compile(rb"[0-9]+")
+def count_or_none(value) -> int | None:
+    """A daily counter's value as read (``MGET``, ``GET``) when it is a good count; ``None``
+    when it is missing, of another Redis type (an error reply) or a bad value."""
+    if value is None or isinstance(value, Exception):
+        return None
+    try:
+        return parse_quantity(value)
+    except BadKeyError:
+        return None
+
+
 #: why an hourly hash read without its daily counter is reported (with its hours stored)
 NO_DAILY_COUNTER = "hourly hash without its daily counter (a writer that sent HINCRBY but not INCRBY?)"
 #: why a key's daily total and its hours are reported
@@ -303,8 +312,9 @@ def _read_hashes(
 
     :param with_their_day: read every hash given (on a cluster, where a part reads the hashes
         its primary serves, whatever primary their counters live on); otherwise only those
-        whose counter does not exist (on a single node the others are read with their counter,
-        :func:`_read_hours`).
+        whose counter is not a good count: none, another Redis type or a bad value (on a
+        single node the others are read with their counter, :func:`_read_hours`), so a
+        single node stores the same hours as a cluster.
     """
     batch = Batch(source=source)
     day_text = usage_date.isoformat()
@@ -321,9 +331,9 @@ def _read_hashes(
             candidates.append((raw_key, parsed, None))
     if not candidates:
         return batch
-    # nil: no daily counter (or one of another Redis type, which its own read reports)
+    # nil: no daily counter, or one of another Redis type (a bad key its own read reports)
     dailies = _read_values(client, [daily_key_of_hours(raw_key) for raw_key, _, _ in candidates])
-    chosen = [(c, daily) for c, daily in zip(candidates, dailies) if with_their_day or daily is None]
+    chosen = [(c, daily) for c, daily in zip(candidates, dailies) if with_their_day or count_or_none(daily) is None]
     if not chosen:
         return batch
     pipe = client.pipeline(transaction=False)
@@ -339,10 +349,11 @@ def _read_hashes(
         else:
             merchant, metric = named.merchant_id.encode(), named.metric_type.encode()
             total = _add_hours(batch, raw_key, merchant, metric, reply)
+            count = count_or_none(daily)
             if daily is None:
                 _note_mismatch(batch, merchant, metric, None, total, NO_DAILY_COUNTER)
-            elif _DIGITS.fullmatch(_as_bytes(daily)) and int(daily) != total:  # a bad counter is reported as one
-                _note_mismatch(batch, merchant, metric, int(daily), total, DAILY_DIFFERS)
+            elif count is not None and count != total:  # a bad counter is reported as a bad key
+                _note_mismatch(batch, merchant, metric, count, total, DAILY_DIFFERS)
     return batch
 
 

@@ -170,3 +170,39 @@ def test_a_known_bad_hour_stays_visible_in_the_result_the_audit_and_the_event(re
     assert query(f"SELECT outcome, bad_hourly FROM {schema}.usage_aggregation_runs ORDER BY id DESC LIMIT 1") == [
         ("success", 0)
     ]
+
+
+def test_bad_hours_not_yet_recorded_make_the_status_out_of_sync(redis_client, pg_conn, table):
+    """Status counts bad hourly data still only in Redis, as it counts bad daily keys
+    (found by an adversarial review: it said in sync until a run recorded them)."""
+    track_usage(redis_client, "m1", "calls", 10, at=NOON)
+    aggregate_day(redis_client, pg_conn, DAY, table=table)
+    redis_client.hset(hourly_key("m1", DAY, "calls"), mapping={"1": 5, "03": "x"})  # a bad field, a bad value
+    redis_client.rpush(hourly_key("m9", DAY, "calls"), "07")  # an hourly key of another type, no day
+    whole = reconcile_date(redis_client, pg_conn, DAY, table=table)
+    assert (whole.in_sync, whole.redis_bad_hours) == (False, 3)
+    one = reconcile_date(redis_client, pg_conn, DAY, table=table, merchant_id="m1")
+    assert (one.in_sync, one.redis_bad_hours) == (False, 2)
+
+
+@pytest.mark.parametrize("discovery", ["scan", "auto"])
+def test_the_hours_of_a_bad_daily_counter_are_stored_as_on_a_cluster(redis_client, pg_conn, table, query, discovery):
+    """A single node stores the same hours as a cluster, whose parts read hashes on their own:
+    hours beside a counter with a bad value or of another type are stored, the counter is a
+    bad key (found by an adversarial review: a single node never stored them, and the expiry
+    check called them at risk every hour until they expired)."""
+    track_usage(redis_client, "ok", "calls", 1, at=NOON)  # an indexed day
+    redis_client.set(build_key("m3", DAY, "calls"), "12abc")
+    redis_client.hset(hourly_key("m3", DAY, "calls"), "03", 12)
+    redis_client.rpush(build_key("m5", DAY, "calls"), "x")
+    redis_client.hset(hourly_key("m5", DAY, "calls"), "04", 5)
+    redis_client.sadd(index_key(DAY), build_key("m3", DAY, "calls"), build_key("m5", DAY, "calls"))
+    if discovery == "auto":  # the index names the counters: the expiry check names their hashes
+        check_expiry(redis_client, pg_conn, table=table, today=dt.date(2025, 11, 2))
+    result = aggregate_day(redis_client, pg_conn, DAY, table=table, discovery=discovery)
+    assert result.bad_keys == 2
+    hours = stored_hours(query, table)
+    assert (hours[("m3", "calls", 3)], hours[("m5", "calls", 4)]) == (12, 5)
+    for key in (build_key("m3", DAY, "calls"), hourly_key("m3", DAY, "calls")):
+        redis_client.expire(key, 600)
+    assert not check_expiry(redis_client, pg_conn, table=table, today=dt.date(2025, 11, 7)).at_risk
