@@ -55,6 +55,7 @@ def test_the_whole_day_report(redis_client, pg_conn, table):
         "schema_exists": True,
         "redis_keys": 6,
         "redis_bad_keys": 1,
+        "redis_bad_hours": 0,
         "table_rows": 2,
         "redis_totals": {"api": 5, "q": 13, "queries": 127},
         "table_totals": {"api": 5, "queries": 100},
