@@ -13,15 +13,26 @@ Usage about to expire without ever being aggregated is the DAG
 `usage_expiry_check`'s job. Failures alert through `USAGE_AGG_ALERT_WEBHOOK` /
 `USAGE_AGG_ALERT_EMAIL`.
 
-A backfill creates 24 runs a day; only each day's midnight run reads Redis, the
-others skip at once (so every day is read at most twice).
+A backfill creates 24 runs a day, and a day's counters are final when it is
+backfilled, so one read per day is enough. The rule, for each aggregation task of a
+backfill run: it leaves its day to another task only when that task reads the same
+day, belongs to a run that is provably part of the **same** backfill, comes from an
+earlier run (smaller logical date), and has not ended without reading (failed,
+upstream_failed, removed); otherwise it reads the day. So the earliest task of the
+backfill that reads a day reads it, whatever runs already exist and whatever the
+reprocess behaviour; a task that leaves its day is skipped (Airflow 3) or succeeds
+without reading (Airflow 2.11). "Provably part of the same backfill": on Airflow 3 a
+`backfill` run still queued or running (one active backfill per DAG); on Airflow 2.11 a
+task queued by the same backfill job. A range's last day is read only by its midnight
+run: if that run already exists and the backfill leaves it out, end the range a day
+later or reprocess (README, "Backfill a date range").
 
 Fan-out (`USAGE_AGGREGATION_FAN_OUT=redis_primaries`, off by default): on Redis
 Cluster, `plan_redis_partitions` lists the primaries and each aggregation task is
 mapped once per primary, each part committed on its own.
 
-Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`; keep a tick at 00:00 UTC,
-which backfills rely on); concurrent runs: `USAGE_AGGREGATION_MAX_ACTIVE_RUNS` (default 8). Connections:
+Schedule: `USAGE_AGGREGATION_SCHEDULE` (default `@hourly`); concurrent runs:
+`USAGE_AGGREGATION_MAX_ACTIVE_RUNS` (default 8). Connections:
 `USAGE_AGG_REDIS_CONN_ID` / `USAGE_AGG_POSTGRES_CONN_ID` (default `usage_redis` /
 `usage_postgres`).
 """

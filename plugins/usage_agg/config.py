@@ -46,8 +46,8 @@ OPTIONS = (
         "schedule",
         "USAGE_AGGREGATION_SCHEDULE",
         "@hourly",
-        "Schedule of the DAG usage_aggregation (a cron expression or preset). Keep a run at 00:00 UTC: "
-        "backfills read each day in its midnight run.",
+        "Schedule of the DAG usage_aggregation (a cron expression or preset). In a backfill, the "
+        "earliest run of the backfill that reads a day reads it; the others leave it (README).",
         example="*/15 * * * *",
     ),
     Option(

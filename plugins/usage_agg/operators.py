@@ -58,9 +58,9 @@ class RedisUsageToPostgresOperator(BaseOperator):
     :param lock_timeout_seconds: how long to wait for another writer of the same date
     :param discovery: how keys are found: ``auto`` (the day's index written by
         ``usage_agg.tracking`` when it exists, else ``SCAN``), ``index`` or ``scan``
-    :param once_per_day_in_backfill: in a backfill, only the run at midnight UTC reads
-        Redis; the day's other runs would repeat its work and are skipped. Scheduled
-        and manual runs always aggregate.
+    :param once_per_day_in_backfill: in a backfill, leave the day to an earlier run of the
+        same backfill that reads it, and skip (see :mod:`usage_agg.backfill` for the rule).
+        Scheduled and manual runs always aggregate.
     :param redis_partition: aggregate only this Redis Cluster primary's keys (``host:port``),
         one part of a fanned-out day; mapped from :class:`RedisPartitionsOperator`
     :param partition_count: how many parts the day was split into (with ``redis_partition``)
@@ -98,6 +98,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
         super().__init__(**kwargs)
         self.discovery = discovery
         self.once_per_day_in_backfill = once_per_day_in_backfill
+        #: the day read as declared (rendering replaces usage_date and day_offset by the date itself)
+        self.reads_run_day_offset: int | None = None if usage_date else day_offset
         self.redis_partition = redis_partition
         self.partition_count = partition_count
         self.usage_date = usage_date
@@ -150,7 +152,8 @@ class RedisUsageToPostgresOperator(BaseOperator):
             options = self.aggregation_options()
         except ValueError as err:  # a configuration error: retrying cannot fix it
             raise AirflowFailException(str(err)) from None
-        if self.once_per_day_in_backfill and (why := repeated_backfill_work(context)):
+        # A fanned-out part was planned by RedisPartitionsOperator, which decided for the run.
+        if self.redis_partition is None and (why := repeated_backfill_work(context, self)):
             if AIRFLOW_V_3_0_PLUS:
                 raise AirflowSkipException(f"Not aggregating {day}: {why}")
             # Airflow 2.11's backfill: a task that skips itself writes back the run it loaded
@@ -262,7 +265,7 @@ class RedisPartitionsOperator(BaseOperator):
 
         from usage_agg.partitions import redis_partitions
 
-        if why := repeated_backfill_work(context):
+        if why := repeated_backfill_work(context, self):
             if AIRFLOW_V_3_0_PLUS:
                 raise AirflowSkipException(f"Not planning: {why}")
             # Airflow 2.11: no self-skip (see RedisUsageToPostgresOperator.execute); no parts
@@ -412,27 +415,69 @@ def is_backfill(context: Context) -> bool:
     return str(getattr(run_type, "value", run_type)) == "backfill"
 
 
-def repeated_backfill_work(context: Context) -> str | None:
-    """Why this run would only repeat another backfill run's Redis work, or ``None``.
+def backfill_deciders(dag: Any) -> dict[str, tuple[int, ...]]:
+    """The tasks of ``dag`` that decide in a backfill whether to read, with the day offsets they read.
 
-    A backfill of the hourly DAG creates 24 runs per day; each day's counters are
-    final by then, so reading them 24 times is waste. Only the run at midnight UTC
-    reads them: with its ``aggregate_previous_day`` and the next midnight's
-    ``aggregate_current_day`` that is each day at most twice. A backfill range
-    that holds no midnight is therefore a no-op; widen it to the whole day.
+    Each :class:`RedisUsageToPostgresOperator` reading its run's day (no explicit ``usage_date``,
+    ``once_per_day_in_backfill`` on) decides for its own day; with the fan-out, the
+    :class:`RedisPartitionsOperator` decides for the days of the mapped tasks it plans, which
+    then do not decide again.
     """
+    deciders: dict[str, tuple[int, ...]] = {}
+    for task in dag.tasks:
+        if isinstance(task, RedisPartitionsOperator):
+            offsets = {
+                kwargs.get("day_offset", 0)
+                for kwargs in (getattr(down, "partial_kwargs", None) for down in task.downstream_list)
+                if kwargs is not None and not kwargs.get("usage_date")
+            }
+            if offsets:
+                deciders[task.task_id] = tuple(sorted(offsets))
+        elif (
+            isinstance(task, RedisUsageToPostgresOperator)
+            and task.once_per_day_in_backfill
+            and task.reads_run_day_offset is not None
+        ):
+            deciders[task.task_id] = (task.reads_run_day_offset,)
+    return deciders
+
+
+def repeated_backfill_work(context: Context, task: Any) -> str | None:
+    """Why ``task`` need not read its days in this backfill run, or ``None``: it reads them.
+
+    A backfill of the hourly DAG creates 24 runs per day and each day's counters are final by
+    then, so one read per day by the backfill is enough: the task leaves each of its days to
+    an earlier run of the same backfill that reads it, by the rule of :mod:`usage_agg.backfill`,
+    on the facts :mod:`usage_agg.backfill_facts` gathers. A day no earlier run of the backfill
+    provably reads is read here.
+    """
+    from usage_agg.backfill import covering_reader, days_read, first_window_start, why_not_reading
+    from usage_agg.backfill_facts import earlier_readers
+
     if not is_backfill(context):
         return None
     logical_date = context.get("logical_date")
-    if logical_date is None:
+    offsets = backfill_deciders(task.dag) if task.has_dag() else {}
+    if logical_date is None or task.task_id not in offsets:
         return None
-    utc = logical_date.astimezone(dt.UTC)
-    if utc.time() == dt.time(0, 0):
-        return None
-    return (
-        f"backfill run of {utc.isoformat()} would repeat the work of the backfill run of "
-        f"{utc.date().isoformat()}T00:00:00+00:00, which aggregates this day and the one before"
-    )
+    days = days_read(logical_date, offsets[task.task_id])
+    readers = earlier_readers(context, logical_date, first_window_start(days, offsets), offsets)
+    seen: list = []  # the readers walked so far, for the next day (the planner decides for two)
+    reasons = []
+    for day in days:
+        reader = covering_reader(day, logical_date, seen) or covering_reader(
+            day, logical_date, _remember(readers, seen)
+        )
+        if reader is None:
+            return None
+        reasons.append(why_not_reading(day, logical_date, reader))
+    return "; ".join(reasons)
+
+
+def _remember(readers: Any, seen: list) -> Any:
+    for reader in readers:
+        seen.append(reader)
+        yield reader
 
 
 def as_bool(value: bool | str, *, field: str) -> bool:

@@ -102,59 +102,135 @@ def _backfill_context(ti, hour: int, run_type: str = "backfill") -> dict:
     }
 
 
+def _hourly_dag(fan_out: bool = False):
+    """The hourly DAG's shape: two readers (or a planner and two mapped readers); returns the tasks."""
+    import pendulum
+    from airflow.providers.common.compat.sdk import DAG
+
+    from usage_agg.operators import RedisPartitionsOperator
+
+    with DAG("usage_aggregation", schedule=None, start_date=pendulum.datetime(2025, 1, 1, tz="UTC")):
+        if not fan_out:
+            return {
+                task_id: RedisUsageToPostgresOperator(task_id=task_id, day_offset=offset)
+                for task_id, offset in (("aggregate_previous_day", -1), ("aggregate_current_day", 0))
+            }
+        plan = RedisPartitionsOperator(task_id="plan_redis_partitions")
+        for task_id, offset in (("aggregate_previous_day", -1), ("aggregate_current_day", 0)):
+            RedisUsageToPostgresOperator.partial(task_id=task_id, day_offset=offset).expand_kwargs(plan.output)
+        return {"plan_redis_partitions": plan}
+
+
+def _reader(day: dt.date, hour: int = 0, same_backfill: bool = True, state: str | None = "success"):
+    from usage_agg.backfill import Reader
+
+    when = dt.datetime(2025, 11, 3, hour, tzinfo=dt.UTC)
+    return Reader(f"backfill__{when.isoformat()}", when, "aggregate_current_day", day, same_backfill, state)
+
+
+def test_the_deciding_tasks_and_their_days_come_from_the_dag():
+    from usage_agg.operators import backfill_deciders
+
+    tasks = _hourly_dag()
+    assert backfill_deciders(tasks["aggregate_current_day"].dag) == {
+        "aggregate_previous_day": (-1,),
+        "aggregate_current_day": (0,),
+    }
+    plan = _hourly_dag(fan_out=True)["plan_redis_partitions"]
+    assert backfill_deciders(plan.dag) == {"plan_redis_partitions": (-1, 0)}
+
+
+def test_the_day_offset_survives_rendering_for_the_decision():
+    """Rendering replaces usage_date by the date read and the offset by 0; the decision needs the offset."""
+    import pendulum
+
+    operator = _hourly_dag()["aggregate_previous_day"]
+    operator.render_template_fields({"ds": "2025-11-03", "logical_date": pendulum.datetime(2025, 11, 3, tz="UTC")})
+    assert (operator.usage_date, operator.day_offset) == ("2025-11-02", 0)
+    assert operator.reads_run_day_offset == -1
+
+
 @pytest.mark.parametrize("hour", [1, 12, 23])
-def test_a_backfill_run_after_midnight_skips_without_reading_redis(mocker, hour):
+def test_a_backfill_run_leaves_its_day_to_an_earlier_run_of_the_same_backfill_that_reads_it(mocker, hour):
     """Airflow 3: skipped. Airflow 2.11: succeeds at once with nothing to announce, since a task
     that skips itself there can leave its finished backfill run in state running."""
     from airflow.providers.common.compat.sdk import AirflowSkipException
     from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
-    operator, aggregate, ti = _run_with_result(mocker, AggregationResult("x", None, "t"))
-    operator.usage_date = None
+    _, aggregate, ti = _run_with_result(mocker, AggregationResult("x", None, "t"))
+    readers = mocker.patch(
+        "usage_agg.backfill_facts.earlier_readers", return_value=iter([_reader(dt.date(2025, 11, 3))])
+    )
+    operator = _hourly_dag()["aggregate_current_day"]
     operator.outlets = ["the usage asset"]
-    why = r"would repeat the work of the backfill run of 2025-11-03T00:00"
+    why = r"leaves 2025-11-03 to aggregate_current_day of backfill__2025-11-03T00:00:00\+00:00"
     if AIRFLOW_V_3_0_PLUS:
         with pytest.raises(AirflowSkipException, match=why):
             operator.execute(_backfill_context(ti, hour))
     else:
         result = operator.execute(_backfill_context(ti, hour))
-        assert result["usage_date"] == "2025-11-03" and "would repeat the work" in result["not_aggregated"]
+        assert result["usage_date"] == "2025-11-03" and "an earlier run of the same backfill" in result["not_aggregated"]
         assert operator.outlets == []
     aggregate.assert_not_called()
+    since = readers.call_args.args[2]
+    assert since == dt.datetime(2025, 11, 3, tzinfo=dt.UTC)  # runs before the day cannot read it
 
 
-@pytest.mark.parametrize(("hour", "run_type"), [(0, "backfill"), (5, "scheduled"), (5, "manual")])
-def test_midnight_backfill_runs_and_all_other_runs_aggregate(mocker, hour, run_type):
+@pytest.mark.parametrize(
+    "reader",
+    [
+        None,  # no earlier run (the first of the day in the backfill, a range starting mid-day)
+        _reader(dt.date(2025, 11, 3), same_backfill=False),  # a run the backfill left out (failed, existing)
+        _reader(dt.date(2025, 11, 3), state="failed"),  # ended without reading
+        _reader(dt.date(2025, 11, 2)),  # reads another day
+    ],
+)
+def test_a_backfill_run_reads_its_day_when_no_earlier_run_of_the_same_backfill_does(mocker, reader):
     result = AggregationResult(usage_date="2025-11-03", merchant_id=None, table="merchant_usage")
-    operator, aggregate, ti = _run_with_result(mocker, result)
-    operator.usage_date = None
-    operator.execute(_backfill_context(ti, hour, run_type))
+    _, aggregate, ti = _run_with_result(mocker, result)
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([reader] if reader else []))
+    operator = _hourly_dag()["aggregate_current_day"]
+    operator.execute(_backfill_context(ti, 5))
     assert aggregate.call_args.args[2] == dt.date(2025, 11, 3)
+
+
+@pytest.mark.parametrize("run_type", ["scheduled", "manual"])
+def test_scheduled_and_manual_runs_always_aggregate_without_looking_at_other_runs(mocker, run_type):
+    result = AggregationResult(usage_date="2025-11-03", merchant_id=None, table="merchant_usage")
+    _, aggregate, ti = _run_with_result(mocker, result)
+    readers = mocker.patch("usage_agg.backfill_facts.earlier_readers")
+    _hourly_dag()["aggregate_current_day"].execute(_backfill_context(ti, 5, run_type))
+    assert aggregate.call_args.args[2] == dt.date(2025, 11, 3)
+    readers.assert_not_called()
 
 
 def test_a_backfill_can_be_asked_to_aggregate_every_run(mocker):
     result = AggregationResult(usage_date="2025-11-03", merchant_id=None, table="merchant_usage")
-    operator, aggregate, ti = _run_with_result(mocker, result)
+    _, aggregate, ti = _run_with_result(mocker, result)
+    readers = mocker.patch("usage_agg.backfill_facts.earlier_readers")
+    operator = _hourly_dag()["aggregate_current_day"]
     operator.once_per_day_in_backfill = False
     operator.execute(_backfill_context(ti, 7))
     aggregate.assert_called_once()
+    readers.assert_not_called()
 
 
-def test_the_partition_plan_lists_every_part_and_skips_in_repeated_backfill_runs(mocker):
+def test_the_partition_plan_lists_every_part_and_skips_only_when_both_days_are_read_earlier(mocker):
     from airflow.providers.common.compat.sdk import AirflowSkipException
-
-    from usage_agg.operators import RedisPartitionsOperator
+    from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
     mocker.patch("airflow.providers.redis.hooks.redis.RedisHook")
     mocker.patch("usage_agg.partitions.redis_partitions", return_value=["10.0.0.1:7000", "10.0.0.2:7000"])
-    operator = RedisPartitionsOperator(task_id="plan")
+    operator = _hourly_dag(fan_out=True)["plan_redis_partitions"]
     ti = mocker.MagicMock()
-    assert operator.execute(_backfill_context(ti, 0)) == [
+    both = [_reader(dt.date(2025, 11, 3)), _reader(dt.date(2025, 11, 2), hour=1)]
+    parts = [
         {"redis_partition": "10.0.0.1:7000", "partition_count": 2},
         {"redis_partition": "10.0.0.2:7000", "partition_count": 2},
     ]
-    from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
-
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter(both[:1]))
+    assert operator.execute(_backfill_context(ti, 3)) == parts  # the day before is read by nobody earlier
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter(both))
     if AIRFLOW_V_3_0_PLUS:
         with pytest.raises(AirflowSkipException, match="Not planning"):
             operator.execute(_backfill_context(ti, 3))

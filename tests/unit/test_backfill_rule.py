@@ -1,0 +1,327 @@
+"""The backfill rule (``usage_agg.backfill``) over generated backfills, on both Airflow versions' terms.
+
+A small simulator plays one backfill of the hourly DAG over three days: the runs that already
+exist in and around the range (every run type and state), the reprocess behaviour (Airflow 3:
+none, failed, completed) or the rerun of failed tasks (Airflow 2.11), which runs Airflow puts in
+the backfill as ``airflow backfill create`` / ``airflow dags backfill`` do (read from their code:
+``airflow/models/backfill.py``, ``airflow/jobs/backfill_job_runner.py``), ranges starting mid-day
+and ending mid-day or at a midnight, forwards and backwards, a few runs at a time, tasks in a
+random order, reads that fail, runs outside the backfill ending meanwhile. Each task decides
+with only what it could see in Airflow (the run types and states, the task states and, on 2.11,
+who queued each task), through the same functions the operator uses.
+
+The promise checked: every day a task of the backfill was asked to read is read by a task of the
+backfill, unless a run of the backfill failed (so the backfill does not end in success).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from usage_agg.backfill import (
+    COVERING_STATES,
+    Reader,
+    covering_reader,
+    days_read,
+    first_window_start,
+    in_backfill_v2,
+    in_backfill_v3,
+    readers_of,
+)
+
+#: the hourly DAG's readers, and with the fan-out the planner deciding for both days
+READERS = {"aggregate_current_day": (0,), "aggregate_previous_day": (-1,)}
+FAN_OUT = {"plan_redis_partitions": (-1, 0)}
+FIRST = dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+HOURS = [FIRST + dt.timedelta(hours=h) for h in range(-24, 24 * 4)]  # the day before to the day after
+SCHEDULER_JOB, OLD_BACKFILL_JOB, BACKFILL_JOB = 1, 7, 42
+IN_FLIGHT = ("queued", "running")
+
+
+@dataclass
+class Task:
+    state: str | None = None
+    queued_by: int | None = None
+
+
+@dataclass
+class Run:
+    run_id: str
+    logical_date: dt.datetime
+    run_type: str
+    state: str
+    tasks: dict[str, Task]
+    in_backfill: bool = False
+    to_execute: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Existing:
+    run_type: str
+    state: str
+    task_states: tuple[str | None, ...]  # one per decider, in order
+
+
+@dataclass(frozen=True)
+class Scenario:
+    version: int
+    reprocess: str  # 3: none | failed | completed; 2.11: plain | rerun_failed
+    deciders: dict
+    start: int  # index into HOURS
+    end: int
+    existing: dict  # index into HOURS -> Existing
+    max_active: int
+    reverse: bool
+    fail_reads: bool
+    seed: int
+
+
+def _task_states_for(run_state: str, n: int) -> st.SearchStrategy[tuple]:
+    if run_state == "success":
+        return st.just(("success",) * n)
+    if run_state == "failed":
+        return st.lists(st.sampled_from(["success", "failed", "upstream_failed"]), min_size=n, max_size=n).filter(
+            lambda s: "failed" in s
+        ).map(tuple)
+    return st.lists(st.sampled_from([None, "scheduled", "queued", "running", "success"]), min_size=n, max_size=n).map(
+        tuple
+    )
+
+
+@st.composite
+def scenarios(draw) -> Scenario:
+    version = draw(st.sampled_from([3, 2]))
+    deciders = draw(st.sampled_from([READERS, FAN_OUT]))
+    reprocess = draw(st.sampled_from(["none", "failed", "completed"] if version == 3 else ["plain", "rerun_failed"]))
+    # a range from a midnight or mid-day of the first day to a midnight or mid-day of the last
+    start = 24 + draw(st.sampled_from([0, 0, 5, 23]))
+    end = 24 * 3 + draw(st.sampled_from([0, 0, 0, 7, 23]))
+    midnights = [i for i in range(len(HOURS)) if HOURS[i].hour == 0]
+
+    @st.composite
+    def existing_run(draw):
+        if version == 3:
+            run_type = draw(st.sampled_from(["scheduled", "manual", "backfill"]))
+            # A run of an earlier backfill still in flight cannot be told from this backfill's (there
+            # is one active backfill per DAG); only a cancelled backfill's running runs are, not modelled.
+            states = ["success", "failed"] + ([] if run_type == "backfill" else ["queued", "running"])
+        else:
+            run_type = draw(st.sampled_from(["scheduled", "manual", "backfill"]))
+            states = ["success", "failed"]
+        state = draw(st.sampled_from(states))
+        return Existing(run_type, state, draw(_task_states_for(state, len(deciders))))
+
+    existing = draw(st.dictionaries(st.sampled_from(midnights), existing_run(), max_size=len(midnights)))
+    existing |= draw(st.dictionaries(st.sampled_from(range(len(HOURS))), existing_run(), max_size=12))
+    return Scenario(
+        version=version,
+        reprocess=reprocess,
+        deciders=deciders,
+        start=start,
+        end=end,
+        existing=existing,
+        max_active=draw(st.integers(1, 10)),
+        reverse=draw(st.booleans()),
+        fail_reads=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**32)),
+    )
+
+
+def _existing_runs(scenario: Scenario) -> dict[dt.datetime, Run]:
+    runs = {}
+    for i, spec in scenario.existing.items():
+        when = HOURS[i]
+        job = OLD_BACKFILL_JOB if spec.run_type == "backfill" else SCHEDULER_JOB
+        tasks = {
+            task_id: Task(state, None if state is None else job)
+            for task_id, state in zip(scenario.deciders, spec.task_states, strict=True)
+        }
+        runs[when] = Run(f"{spec.run_type}__{when.isoformat()}", when, spec.run_type, spec.state, tasks)
+    return runs
+
+
+def _observed_readers(runs: dict, me: Run, task_id: str, deciders: dict, version: int, days: list) -> list[Reader]:
+    """What the task could see: the earlier runs' deciding tasks, nearest first (as backfill_facts)."""
+    since = first_window_start(days, deciders)
+    own_job = me.tasks[task_id].queued_by
+    found = []
+    for when in sorted((w for w in runs if since <= w < me.logical_date), reverse=True):
+        run = runs[when]
+        states = {t: task.state for t, task in run.tasks.items()}
+        if version == 3:
+            if not in_backfill_v3(run.run_type, run.state):
+                continue
+            members: bool | dict = True
+        else:
+            members = {t: in_backfill_v2(task.queued_by, own_job) for t, task in run.tasks.items()}
+        found += readers_of(run.run_id, when, states, deciders, members)
+    return found
+
+
+def simulate(scenario: Scenario, decide=None) -> tuple[set, set, bool]:
+    """Play the backfill; return the days its tasks were asked to read, the days they read, and
+    whether a run of the backfill failed. ``decide`` replaces the rule (to show a wrong one fails)."""
+    rng = random.Random(scenario.seed)
+    runs = _existing_runs(scenario)
+    others_in_flight = [run for run in runs.values() if run.state in IN_FLIGHT]
+    backfill: list[Run] = []
+    for when in HOURS[scenario.start : scenario.end + 1]:
+        run = runs.get(when)
+        if scenario.version == 3:
+            if run is None:
+                run = runs[when] = Run(f"backfill__{when.isoformat()}", when, "backfill", "queued", {})
+                run.tasks = {t: Task() for t in scenario.deciders}
+            elif run.state in IN_FLIGHT or scenario.reprocess == "none":
+                continue
+            elif scenario.reprocess == "failed" and run.state != "failed":
+                continue
+            else:  # cleared into the backfill: its tasks start afresh
+                run.run_type, run.state = "backfill", "queued"
+                run.tasks = {t: Task() for t in scenario.deciders}
+            run.to_execute = list(scenario.deciders)
+        else:  # 2.11 takes every run of the range, creating it when it gets to it
+            if run is None:
+                run = Run(f"backfill__{when.isoformat()}", when, "backfill", "none yet", {})
+                run.tasks = {t: Task() for t in scenario.deciders}
+            for task in run.tasks.values():
+                if task.state in ("failed", "upstream_failed") and scenario.reprocess == "rerun_failed":
+                    task.state, task.queued_by = None, None
+            run.to_execute = [t for t, task in run.tasks.items() if task.state is None]
+        run.in_backfill = True
+        backfill.append(run)
+    order = list(reversed(backfill)) if scenario.reverse else list(backfill)
+
+    asked, read = set(), set()
+    active: list[Run] = []
+    while order or active:
+        while order and len(active) < scenario.max_active:
+            run = order.pop(0)
+            run.state = "running"
+            if scenario.version == 2:  # 2.11 creates the run now, or takes the existing one in
+                run.run_type = "backfill"
+                runs[run.logical_date] = run
+            for t in run.to_execute:
+                run.tasks[t] = Task("queued", BACKFILL_JOB if scenario.version == 2 else None)
+            active.append(run)
+        if others_in_flight and rng.random() < 0.2:  # a run outside the backfill ends meanwhile
+            other = others_in_flight.pop(rng.randrange(len(others_in_flight)))
+            for task in other.tasks.values():
+                task.state = "success" if task.state != "failed" else "failed"
+            other.state = "failed" if any(t.state == "failed" for t in other.tasks.values()) else "success"
+        run = rng.choice(active)
+        if run.to_execute:
+            task_id = run.to_execute.pop(rng.randrange(len(run.to_execute)))
+            days = days_read(run.logical_date, scenario.deciders[task_id])
+            asked.update(days)
+            if decide is not None:
+                leave = decide(run, days)
+            else:
+                readers = _observed_readers(runs, run, task_id, scenario.deciders, scenario.version, days)
+                leave = all(covering_reader(day, run.logical_date, readers) for day in days)
+            task = run.tasks[task_id]
+            if leave:
+                task.state = "skipped" if scenario.version == 3 else "success"
+            elif scenario.fail_reads and rng.random() < 0.15:
+                task.state = "failed"
+            else:
+                task.state = "success"
+                read.update(days)
+        if not run.to_execute:
+            done = {t.state for t in run.tasks.values()}
+            run.state = "failed" if done & {"failed", "upstream_failed"} else "success"
+            active.remove(run)
+    return asked, read, any(run.state == "failed" for run in backfill)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_every_day_the_backfill_is_asked_to_read_is_read_by_it_or_it_fails(scenario):
+    asked, read, failed = simulate(scenario)
+    assert failed or asked <= read, f"unread: {sorted(asked - read)}"
+
+
+def test_a_range_end_whose_only_run_is_left_out_is_not_read():
+    """The limit the README states: a range's last day has one run in the range, its midnight. If
+    Airflow leaves that run out of the backfill (3.3: it exists and is not reprocessed), no task of
+    the backfill is asked to read the day, whatever the rule; ending the range a day later helps."""
+    existing = {72: Existing("scheduled", "failed", ("failed", "success"))}
+    asked, read, failed = simulate(Scenario(3, "none", READERS, 24, 72, existing, 10, False, False, 0))
+    assert dt.date(2025, 10, 22) not in asked and not failed
+    asked, read, failed = simulate(Scenario(3, "none", READERS, 24, 96, existing, 10, False, False, 0))
+    assert dt.date(2025, 10, 22) in read
+
+
+def _midnight_rule(run: Run, days: list) -> bool:
+    """The rule before: a backfill run after midnight left its day to the midnight run, whatever that was."""
+    return run.logical_date.hour != 0
+
+
+def test_the_simulator_finds_the_midnight_rule_leaving_days_unread():
+    """The reported case: a plain 3.3 backfill over three days whose first two midnights failed."""
+    existing = {24 + 24 * n: Existing("scheduled", "failed", ("failed", "success")) for n in (0, 1)}
+    scenario = Scenario(3, "none", READERS, 24, 72, existing, 10, False, False, 0)
+    asked, read, failed = simulate(scenario, decide=_midnight_rule)
+    assert not failed and dt.date(2025, 10, 20) in asked - read
+    asked, read, failed = simulate(scenario)
+    assert not failed and asked <= read
+
+
+def test_on_2_11_a_midnight_whose_tasks_succeeded_before_is_not_relied_on():
+    existing = {i: Existing("manual", "success", ("success", "success")) for i in (24, 48)}
+    scenario = Scenario(2, "plain", READERS, 24, 72, existing, 8, False, False, 3)
+    asked, read, failed = simulate(scenario, decide=_midnight_rule)
+    assert dt.date(2025, 10, 20) in asked - read
+    asked, read, failed = simulate(scenario)
+    assert not failed and asked <= read
+
+
+@pytest.mark.parametrize("state", sorted(COVERING_STATES, key=str))
+def test_a_task_of_the_same_backfill_in_a_covering_state_is_left_the_day(state):
+    when = dt.datetime(2025, 10, 20, 5, tzinfo=dt.UTC)
+    reader = Reader("r", when - dt.timedelta(hours=1), "aggregate_current_day", when.date(), True, state)
+    assert covering_reader(when.date(), when, [reader]) == reader
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"same_backfill": False}, "another backfill's, or none"),
+        ({"state": "failed"}, "ended without reading"),
+        ({"state": "upstream_failed"}, "ended without reading"),
+        ({"state": "removed"}, "ended without reading"),
+        ({"logical_date": dt.datetime(2025, 10, 20, 5, tzinfo=dt.UTC)}, "not earlier"),
+        ({"day": dt.date(2025, 10, 19)}, "another day"),
+    ],
+)
+def test_no_other_task_is_left_the_day(change, why):
+    when = dt.datetime(2025, 10, 20, 5, tzinfo=dt.UTC)
+    fields = {
+        "run_id": "r",
+        "logical_date": when - dt.timedelta(hours=1),
+        "task_id": "aggregate_current_day",
+        "day": when.date(),
+        "same_backfill": True,
+        "state": "success",
+    }
+    assert covering_reader(when.date(), when, [Reader(**{**fields, **change})]) is None, why
+
+
+def test_membership_on_each_version():
+    assert in_backfill_v3("backfill", "running") and in_backfill_v3("backfill", "queued")
+    assert not in_backfill_v3("backfill", "success")  # may be an earlier backfill's: not relied on
+    assert not in_backfill_v3("scheduled", "running") and not in_backfill_v3("manual", "queued")
+    assert in_backfill_v2(42, 42)
+    assert not in_backfill_v2(1, 42) and not in_backfill_v2(None, 42) and not in_backfill_v2(None, None)
+
+
+def test_the_window_of_runs_that_can_read_a_day():
+    assert first_window_start([dt.date(2025, 10, 20)], READERS) == dt.datetime(2025, 10, 20, tzinfo=dt.UTC)
+    assert first_window_start([dt.date(2025, 10, 19), dt.date(2025, 10, 20)], FAN_OUT) == dt.datetime(
+        2025, 10, 19, tzinfo=dt.UTC
+    )
