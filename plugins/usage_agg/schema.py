@@ -14,7 +14,7 @@ from importlib import resources
 from usage_agg.identifiers import TableName, quote_identifier
 
 #: Bumped with every change to sql/schema.sql; stored as the usage table's comment.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 ERRORS_TABLE = "usage_aggregation_errors"
 RUNS_TABLE = "usage_aggregation_runs"
 INCARNATIONS_TABLE = "usage_redis_incarnations"

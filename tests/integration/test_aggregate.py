@@ -386,7 +386,7 @@ def test_an_older_schema_is_upgraded_by_the_next_run(redis_client, pg_conn, tabl
         "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s AND table_name = %s AND column_name = 'error'",
         (pg_schema, "usage_aggregation_runs"),
     ) == [(1,)]
-    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 5",)]
+    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (table,)) == [("usage-agg schema 6",)]
     assert rows(query, table) == {("acme", "queries"): 1}
 
 
@@ -513,7 +513,7 @@ def test_a_version_3_database_is_upgraded_in_place(redis_client, pg_conn, pg_sch
     assert query(f"SELECT convert_from(raw_key, 'UTF8'), times_seen FROM {names.errors.quoted}") == [
         ("usage:broken:2025-11-01:q", 2)
     ]
-    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (names.usage.quoted,)) == [("usage-agg schema 5",)]
+    assert query("SELECT obj_description(%s::regclass, 'pg_class')", (names.usage.quoted,)) == [("usage-agg schema 6",)]
 
 
 def test_a_new_day_goes_in_by_plain_insert_until_a_row_turns_up(pg_conn, pg_schema, query):
