@@ -221,43 +221,48 @@ BEGIN
     IF off_boundary IS NOT NULL THEN
         RAISE EXCEPTION 'range: not on % window boundaries of %: %', grain, tz, off_boundary USING ERRCODE = '22023';
     END IF;
+    IF grain = 'hour' THEN  -- an hour window is one stored (UTC) hour
+        RETURN QUERY
+        SELECT h.merchant_id, h.metric_type, h.usage_hour, h.usage_hour + interval '1 hour', sum(h.quantity)
+        FROM {hourly_table} h
+        WHERE h.usage_hour >= window_from AND h.usage_hour < window_to
+          AND (merchant IS NULL OR h.merchant_id = merchant)
+        GROUP BY 1, 2, 3
+        ORDER BY 3, 1, 2;
+        RETURN;
+    END IF;
     RETURN QUERY
     WITH sums AS (
-        SELECT h.merchant_id, h.metric_type,
-               CASE WHEN grain = 'hour' THEN h.usage_hour AT TIME ZONE 'UTC'
-                    ELSE date_trunc(grain, h.usage_hour AT TIME ZONE tz) END AS local_start,
+        SELECT h.merchant_id, h.metric_type, date_trunc(grain, h.usage_hour AT TIME ZONE tz) AS local_start,
                sum(h.quantity) AS quantity
         FROM {hourly_table} h
         WHERE h.usage_hour >= window_from AND h.usage_hour < window_to
           AND (merchant IS NULL OR h.merchant_id = merchant)
         GROUP BY 1, 2, 3
-    ), bounds AS (
+    ), bounds AS (  -- the first instant of each local period held, and of the next one
         SELECT p.local_start, b.first AS start, b2.first AS stop
         FROM (SELECT DISTINCT s.local_start FROM sums s) AS p
         CROSS JOIN LATERAL (
-            SELECT CASE WHEN grain = 'hour' THEN p.local_start + interval '1 hour' ELSE p.local_start + ('1 ' || grain)::interval END
-        ) AS n (local_start)
-        CROSS JOIN LATERAL (
-            SELECT CASE WHEN grain = 'hour' THEN l.local_start AT TIME ZONE 'UTC' ELSE (
+            SELECT (
                 SELECT coalesce(min(c.at) FILTER (WHERE c.at AT TIME ZONE tz = l.local_start), l.local_start AT TIME ZONE tz)
                 FROM generate_series((l.local_start AT TIME ZONE tz) - interval '26 hours', l.local_start AT TIME ZONE tz,
                                      interval '1 hour') AS probe
                 CROSS JOIN LATERAL (
                     SELECT (l.local_start - ((probe AT TIME ZONE tz) - (probe AT TIME ZONE 'UTC'))) AT TIME ZONE 'UTC'
                 ) AS c (at)
-            ) END
+            )
             FROM (VALUES (p.local_start)) AS l (local_start)
         ) AS b (first)
         CROSS JOIN LATERAL (
-            SELECT CASE WHEN grain = 'hour' THEN l.local_start AT TIME ZONE 'UTC' ELSE (
+            SELECT (
                 SELECT coalesce(min(c.at) FILTER (WHERE c.at AT TIME ZONE tz = l.local_start), l.local_start AT TIME ZONE tz)
                 FROM generate_series((l.local_start AT TIME ZONE tz) - interval '26 hours', l.local_start AT TIME ZONE tz,
                                      interval '1 hour') AS probe
                 CROSS JOIN LATERAL (
                     SELECT (l.local_start - ((probe AT TIME ZONE tz) - (probe AT TIME ZONE 'UTC'))) AT TIME ZONE 'UTC'
                 ) AS c (at)
-            ) END
-            FROM (VALUES (n.local_start)) AS l (local_start)
+            )
+            FROM (VALUES (p.local_start + ('1 ' || grain)::interval)) AS l (local_start)
         ) AS b2 (first)
     )
     SELECT s.merchant_id, s.metric_type, b.start, b.stop, s.quantity
