@@ -248,7 +248,7 @@ def windows_of(rows):
         # hours in New York across its fall-back (the local 01:00 happens twice: two windows)
         ("America/New_York", "hour", "2025-11-02T03:00", 6, "2025-11-02T03:00", "2025-11-02T09:00"),
         # months in Kolkata (+05:30): hours straddling local midnight count where they start
-        ("Asia/Kolkata", "month", "2025-10-30T12:00", 72, "2025-10-30T12:00", "2025-11-02T12:00"),
+        ("Asia/Kolkata", "month", "2025-10-30T12:00", 72, "2025-09-30T18:30", "2025-11-30T18:30"),
     ],
     ids=["tokyo-days", "berlin-weeks-dst-end", "berlin-days-dst-start", "new-york-hours-fall-back", "kolkata-months"],
 )
