@@ -364,6 +364,12 @@ def _guard(what: str, action):
         raise CliError(f"cannot reach {what}: {message}") from None
 
 
+def _day_against_hours(sample: dict, no_day: str) -> str:
+    """One key whose day and hours disagree, for the status text (``no_day`` where it has no day)."""
+    day = no_day if sample["daily"] is None else f"daily {sample['daily']}"
+    return f"    {sample['merchant_id']!r} {sample['metric_type']}: {day}, hours sum to {sample['hourly_sum']}"
+
+
 def _format_status(s) -> str:
     scope = f" merchant {s.merchant_id!r}" if s.merchant_id is not None else ""
     lines = [f"usage-agg status {s.usage_date}{scope} ({s.table}): {'IN SYNC' if s.in_sync else 'NOT IN SYNC'}"]
@@ -393,19 +399,9 @@ def _format_status(s) -> str:
     lines += [f"    {d['key']}: {d['reason']} (seen {d['times_seen']}x)" for d in s.dead_letters[:10]]
     lines.append(f"  hourly counts not stored: {s.hourly_differing_rows}")
     lines.append(f"  keys whose daily total differs from their hours: {s.hourly_mismatches}")
-    lines += [
-        f"    {d['merchant_id']!r} {d['metric_type']}: "
-        + ("no daily counter" if d["daily"] is None else f"daily {d['daily']}")
-        + f", hours sum to {d['hourly_sum']}"
-        for d in s.hourly_mismatch_samples[:10]
-    ]
+    lines += [_day_against_hours(d, "no daily counter") for d in s.hourly_mismatch_samples[:10]]
     lines.append(f"  stored days whose hourly rows sum differently: {s.stored_hourly_mismatches}")
-    lines += [
-        f"    {d['merchant_id']!r} {d['metric_type']}: "
-        + ("no daily row" if d["daily"] is None else f"daily {d['daily']}")
-        + f", hours sum to {d['hourly_sum']}"
-        for d in s.stored_hourly_mismatch_samples[:10]
-    ]
+    lines += [_day_against_hours(d, "no daily row") for d in s.stored_hourly_mismatch_samples[:10]]
     if s.hours:
         lines.append(f"  {'hour (UTC)':<22}{'Redis':>14}{'PostgreSQL':>14}")
         lines += [f"  {h['hour'] + ':00':<22}{h['redis']:>14}{h['stored']:>14}" for h in s.hours]
