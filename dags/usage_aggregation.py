@@ -23,9 +23,9 @@ backfill that reads a day reads it, whatever runs already exist and whatever the
 reprocess behaviour; a task that leaves its day is skipped (Airflow 3) or succeeds
 without reading (Airflow 2.11). "Provably part of the same backfill": on Airflow 3 a
 `backfill` run still queued or running (one active backfill per DAG); on Airflow 2.11 a
-task queued by the same backfill job. A range's last day is read only by its midnight
-run: if that run already exists and the backfill leaves it out, end the range a day
-later or reprocess (README, "Backfill a date range").
+task queued by the same backfill job. A range's last day has one run in the range, its
+midnight: when the backfill leaves that run out, the task that reads the day before also
+reads it (README, "Backfill a date range").
 
 Fan-out (`USAGE_AGGREGATION_FAN_OUT=redis_primaries`, off by default): on Redis
 Cluster, `plan_redis_partitions` lists the primaries and each aggregation task is

@@ -71,12 +71,18 @@ def changed(result: AggregationResult) -> bool:
     return bool(result.rows_written or result.hourly_rows_written or result.unannounced_writes)
 
 
-def record_events(outlets, outlet_events, result: AggregationResult) -> int:
+def record_events(outlets, outlet_events, result: AggregationResult, next_day: AggregationResult | None = None) -> int:
     """Put the date's extra (and, on Airflow 3, its partition key) on the task's asset outlets.
 
-    Airflow emits the events when the task succeeds. Returns how many outlets were given one.
+    ``next_day``: the day after, when a backfill's task read it too (:mod:`usage_agg.backfill`); the
+    event's extra then carries its extra under ``next_day``, and each changed date is a partition
+    key. Airflow emits the events when the task succeeds. Returns how many outlets were given one.
     """
-    return _put_on_outlets(outlets, outlet_events, event_extra(result), [result.usage_date] if changed(result) else [])
+    extra = event_extra(result)
+    if next_day is not None:
+        extra["next_day"] = event_extra(next_day)
+    dates = [r.usage_date for r in (result, next_day) if r is not None and changed(r)]
+    return _put_on_outlets(outlets, outlet_events, extra, dates)
 
 
 def rescue_extra(results: list[AggregationResult], late_dates: Sequence[str] = ()) -> dict[str, Any]:

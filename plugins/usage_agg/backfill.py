@@ -18,6 +18,22 @@ Nothing here depends on a run at midnight: a range starting mid-day, a midnight 
 not part of the backfill (it exists and is not reprocessed, or it is still running), or a
 range whose last day has no next midnight are all the same case.
 
+One day is asked of no task, though: a range's last day, when Airflow leaves its only run in
+the range (its midnight) out of the backfill, because that run exists already. So a second
+rule reads forward:
+
+    A task that reads its run's own day ``d`` (it did not leave it) also reads ``d + 1`` when
+    the runs of ``d + 1`` exist and none of them is provably part of the same backfill.
+
+"None exist" is safe to leave: Airflow 3 creates every run of a backfill when the backfill is
+created (a slot of the range holds the backfill's run or one that was there before), so a day
+without runs is past the range; Airflow 2.11 creates each run of its range when it gets to it
+and runs its tasks, so a day without runs yet is one it will read itself, or past the range.
+The earliest run of the backfill on a day reads that day, so the day after is read whenever
+the backfill has a run on the day before it (:func:`next_day_unread`). A day with no run of the
+backfill on it, the day after or the day before is the one case left, and no rule can reach it:
+no task of the backfill runs near it.
+
 Which runs are "provably part of the same backfill" is all that differs between Airflow
 versions; :mod:`usage_agg.backfill_facts` gathers it (it is deliberately conservative: a run
 it cannot place is treated as another backfill's, and its task is not relied on):
@@ -135,10 +151,36 @@ def in_backfill_v2(queued_by_job_id: int | None, own_backfill_job_id: int | None
     return own_backfill_job_id is not None and queued_by_job_id == own_backfill_job_id
 
 
+def next_day_unread(next_day_runs: Iterable[bool]) -> bool:
+    """Whether a task that reads its run's day ``d`` must read ``d + 1`` too: ``next_day_runs``
+    tells, for each run of the DAG on ``d + 1`` (in any order, lazily), whether it is provably part
+    of the task's backfill. True when there is one and none is; the first member ends the walk."""
+    any_run = False
+    for member in next_day_runs:
+        if member:
+            return False
+        any_run = True
+    return any_run
+
+
+def in_backfill_v2_run(creating_job_id: int | None, own_backfill_job_id: int | None) -> bool:
+    """Airflow 2.11: whether another run was created by the backfill job running this task (it then
+    runs all of that run's tasks, or fails)."""
+    return in_backfill_v2(creating_job_id, own_backfill_job_id)
+
+
 def why_not_reading(day: dt.date, logical_date: dt.datetime, reader: Reader) -> str:
     """The log line of a task that leaves ``day`` to ``reader``."""
     return (
         f"backfill run of {logical_date.astimezone(dt.UTC).isoformat()} leaves {day} to {reader.task_id} of "
         f"{reader.run_id} ({reader.logical_date.astimezone(dt.UTC).isoformat()}, {reader.state or 'not started'}), "
         "an earlier run of the same backfill that reads it"
+    )
+
+
+def why_reading_next_day(day: dt.date) -> str:
+    """The log line of a task that reads the day after its own by :func:`next_day_unread`."""
+    return (
+        f"also aggregating {day}: it has runs and none is part of this backfill, so no other task of "
+        "the backfill reads it (a range's last day whose midnight run existed before the backfill)"
     )

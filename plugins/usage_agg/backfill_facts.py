@@ -9,7 +9,7 @@ Airflow 3 and Airflow 2.11 differ. The rule that decides on these facts is :mod:
   first that qualifies ends the walk (usually the run an hour before).
 - Airflow 2.11: tasks have the ORM. The backfill CLI queues each task it runs with its own job id
   (``TaskInstance.queued_by_job_id``), which the task's own instance carries: one query reads the
-  earlier runs' tasks with theirs.
+  earlier runs' tasks with theirs, and the runs it created carry its id (``DagRun.creating_job_id``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
-from usage_agg.backfill import Reader, in_backfill_v2, in_backfill_v3, readers_of
+from usage_agg.backfill import Reader, in_backfill_v2, in_backfill_v2_run, in_backfill_v3, readers_of
 
 
 def _value(enum_or_str: Any) -> str | None:
@@ -36,6 +36,73 @@ def earlier_readers(
     if AIRFLOW_V_3_0_PLUS:
         return _earlier_readers_v3(ti, logical_date, since, offsets)
     return iter(_earlier_readers_v2(ti, logical_date, since, offsets))
+
+
+def runs_of_day(context: Any, day: dt.date, offsets: Mapping[str, tuple[int, ...]]) -> Iterator[bool]:
+    """For each run of the DAG with a logical date on ``day``, latest first and lazily, whether it is
+    provably part of the task's backfill (Airflow 2.11: created by its job, or one of its deciding
+    tasks, ``offsets``' keys, queued by it)."""
+    ti = context["ti"]
+    start = dt.datetime.combine(day, dt.time(0), tzinfo=dt.UTC)
+    end = start + dt.timedelta(days=1)
+    if AIRFLOW_V_3_0_PLUS:
+        return _runs_of_day_v3(ti, start, end)
+    return iter(_runs_of_day_v2(ti, start, end, list(offsets)))
+
+
+def _runs_of_day_v3(ti: Any, start: dt.datetime, end: dt.datetime) -> Iterator[bool]:
+    from airflow.sdk.execution_time.comms import GetPreviousDagRun, PreviousDagRunResult
+    from airflow.sdk.execution_time.task_runner import SUPERVISOR_COMMS
+
+    before = end
+    while True:
+        response = SUPERVISOR_COMMS.send(GetPreviousDagRun(dag_id=ti.dag_id, logical_date=before))
+        if not isinstance(response, PreviousDagRunResult):
+            # no answer to rely on: a run not provably this backfill's, so the day is read
+            yield False
+            return
+        run = response.dag_run
+        if run is None or run.logical_date is None or run.logical_date < start:
+            return
+        before = run.logical_date
+        yield in_backfill_v3(_value(run.run_type), _value(run.state))
+
+
+def _runs_of_day_v2(ti: Any, start: dt.datetime, end: dt.datetime, deciders: list[str]) -> list[bool]:
+    from airflow.models import DagRun, TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import and_, select
+
+    with create_session() as session:
+        backfill_job = _own_backfill_job(session, ti)
+        rows = session.execute(
+            select(DagRun.run_id, DagRun.creating_job_id, TaskInstance.queued_by_job_id)
+            .outerjoin(
+                TaskInstance,
+                and_(
+                    TaskInstance.dag_id == DagRun.dag_id,
+                    TaskInstance.run_id == DagRun.run_id,
+                    TaskInstance.task_id.in_(deciders),
+                    TaskInstance.map_index == -1,
+                ),
+            )
+            .where(DagRun.dag_id == ti.dag_id, DagRun.execution_date >= start, DagRun.execution_date < end)
+        ).all()
+    members: dict[str, bool] = {}
+    for run_id, creating_job, queued_by in rows:
+        member = in_backfill_v2_run(creating_job, backfill_job) or in_backfill_v2(queued_by, backfill_job)
+        members[run_id] = members.get(run_id, False) or member
+    return list(members.values())
+
+
+def _own_backfill_job(session: Any, ti: Any) -> int | None:
+    """The id of the backfill job that queued ``ti``, or ``None`` (not queued by a backfill)."""
+    from airflow.jobs.job import Job
+    from sqlalchemy import select
+
+    own_job = ti.queued_by_job_id
+    job_type = session.scalar(select(Job.job_type).where(Job.id == own_job)) if own_job else None
+    return own_job if job_type == "BackfillJob" else None
 
 
 def _earlier_readers_v3(
@@ -63,16 +130,13 @@ def _earlier_readers_v3(
 def _earlier_readers_v2(
     ti: Any, logical_date: dt.datetime, since: dt.datetime, offsets: Mapping[str, tuple[int, ...]]
 ) -> list[Reader]:
-    from airflow.jobs.job import Job
     from airflow.models import DagRun, TaskInstance
     from airflow.utils.session import create_session
     from sqlalchemy import and_, select
 
     run_date = DagRun.execution_date  # Airflow 2's name of the logical date
     with create_session() as session:
-        own_job = ti.queued_by_job_id
-        job_type = session.scalar(select(Job.job_type).where(Job.id == own_job)) if own_job else None
-        backfill_job = own_job if job_type == "BackfillJob" else None
+        backfill_job = _own_backfill_job(session, ti)
         rows = session.execute(
             select(DagRun.run_id, run_date, TaskInstance.task_id, TaskInstance.state, TaskInstance.queued_by_job_id)
             .join(TaskInstance, and_(TaskInstance.dag_id == DagRun.dag_id, TaskInstance.run_id == DagRun.run_id))

@@ -11,7 +11,7 @@ from airflow.providers.common.compat.version_compat import AIRFLOW_V_3_0_PLUS
 
 from usage_agg import metrics
 from usage_agg.aggregate import AggregationResult, aggregate_day
-from usage_agg.assets import record_events, record_rescue_events
+from usage_agg.assets import changed, record_events, record_rescue_events
 from usage_agg.audit import mark_announced, mark_not_announced, unannounced_dates
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
@@ -144,9 +144,6 @@ class RedisUsageToPostgresOperator(BaseOperator):
         )
 
     def execute(self, context: Context) -> dict:
-        from airflow.providers.postgres.hooks.postgres import PostgresHook
-        from airflow.providers.redis.hooks.redis import RedisHook
-
         try:
             day = resolve_usage_date(self.usage_date, context, self.day_offset)
             options = self.aggregation_options()
@@ -164,11 +161,72 @@ class RedisUsageToPostgresOperator(BaseOperator):
             self.outlets = []  # no asset event: nothing was written
             return {"usage_date": day.isoformat(), "not_aggregated": why}
 
+        result = self._aggregate(day, options, context, lineage=True)
+        next_result = None
+        if next_day := backfill_next_day(context, self, day):
+            from usage_agg.backfill import why_reading_next_day
+
+            self.log.info(why_reading_next_day(next_day))
+            try:
+                next_result = self._aggregate(next_day, options, context)
+            except BaseException:
+                if changed(result):  # committed, and this task's event will not announce it
+                    self._mark_not_announced(context, result.usage_date)
+                raise
+        results = [r for r in (result, next_result) if r is not None]
+        payload = result.to_dict()
+        if next_result is not None:
+            payload["next_day"] = next_result.to_dict()
+        new_bad = [r for r in results if r.new_bad_keys]
+        if not new_bad:  # Airflow emits the outlets' events when the task succeeds
+            record_events(self.outlets, context.get("outlet_events"), result, next_day=next_result)
+        if new_bad:
+            # The good keys are committed; publish the result before failing so the
+            # XCom still shows what was written.
+            context["ti"].xcom_push(key="aggregation_result", value=payload)
+            raise AirflowFailException(
+                "; ".join(f"{r.new_bad_keys} new bad key(s) for {r.usage_date} ({r.bad_keys} in all)" for r in new_bad)
+                + "; good keys were committed, bad ones are in usage_aggregation_errors. "
+                "Not retrying: bad data is not transient."
+            )
+        for known in results:
+            if known.bad_keys:
+                self.log.warning(
+                    "%d bad key(s) of %s already reported by an earlier run; see usage_aggregation_errors",
+                    known.bad_keys,
+                    known.usage_date,
+                )
+        return payload
+
+    def _mark_not_announced(self, context: Context, usage_date: str) -> None:
+        """Record that ``usage_date``'s committed writes go unannounced (the task fails after them),
+        so the next run of the date or the expiry check announces them (:mod:`usage_agg.audit`)."""
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        from usage_agg.schema import resolve_names
+
+        ti = context["ti"]
+        pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
+        try:
+            runs_table = resolve_names(pg_conn, self.table).runs.quoted
+            audit_row = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)}
+            mark_not_announced(pg_conn, runs_table, audit_row, [usage_date])
+        finally:
+            pg_conn.close()
+
+    def _aggregate(
+        self, day: dt.date, options: AggregationOptions, context: Context, *, lineage: bool = False
+    ) -> AggregationResult:
+        """Aggregate ``day`` through Airflow's hooks, emit its metrics and alert on data loss."""
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+        from airflow.providers.redis.hooks.redis import RedisHook
+
         redis_hook = RedisHook(redis_conn_id=self.redis_conn_id)
         redis_client = redis_hook.get_conn()
         pg_hook = PostgresHook(postgres_conn_id=self.postgres_conn_id)
         pg_conn = pg_hook.get_conn()
-        self._lineage_endpoints = _endpoints(redis_hook, pg_hook, day, self.table)
+        if lineage:
+            self._lineage_endpoints = _endpoints(redis_hook, pg_hook, day, self.table)
         ti = context["ti"]
         try:
             result = aggregate_day(
@@ -189,23 +247,7 @@ class RedisUsageToPostgresOperator(BaseOperator):
             from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
 
             UsageAlertNotifier().send(describe_data_loss(context, result), context)
-        payload = result.to_dict()
-        if not result.new_bad_keys:  # Airflow emits the outlets' events when the task succeeds
-            record_events(self.outlets, context.get("outlet_events"), result)
-        if result.new_bad_keys:
-            # The good keys are committed; publish the result before failing so the
-            # XCom still shows what was written.
-            ti.xcom_push(key="aggregation_result", value=payload)
-            raise AirflowFailException(
-                f"{result.new_bad_keys} new bad key(s) for {result.usage_date} "
-                f"({result.bad_keys} in all); good keys were committed, bad ones are in "
-                "usage_aggregation_errors. Not retrying: bad data is not transient."
-            )
-        if result.bad_keys:
-            self.log.warning(
-                "%d bad key(s) already reported by an earlier run; see usage_aggregation_errors", result.bad_keys
-            )
-        return payload
+        return result
 
     def get_openlineage_facets_on_complete(self, task_instance):
         """Lineage for the OpenLineage provider: the Redis day read, the table written.
@@ -472,6 +514,21 @@ def repeated_backfill_work(context: Context, task: Any) -> str | None:
             return None
         reasons.append(why_not_reading(day, logical_date, reader))
     return "; ".join(reasons)
+
+
+def backfill_next_day(context: Context, task: Any, day: dt.date) -> dt.date | None:
+    """The day after ``day`` when ``task``, which reads its backfill run's own day ``day``, must read
+    it too: its runs exist and none is part of this backfill (:func:`usage_agg.backfill.next_day_unread`).
+    A fanned-out part reading the run's day decides this for itself (its planner read the day)."""
+    from usage_agg.backfill import next_day_unread
+    from usage_agg.backfill_facts import runs_of_day
+
+    if not is_backfill(context) or not task.once_per_day_in_backfill or task.reads_run_day_offset != 0:
+        return None
+    if context.get("logical_date") is None or not task.has_dag():
+        return None
+    following = day + dt.timedelta(days=1)
+    return following if next_day_unread(runs_of_day(context, following, backfill_deciders(task.dag))) else None
 
 
 def _remember(readers: Any, seen: list) -> Any:

@@ -135,6 +135,8 @@ class AirflowStack:
         would, when the CLI lost its own metadata-DB connection. That happened in CI inside
         Airflow 2.11's in-process backfill (``DAG.get_num_active_runs``, between two runs, with
         nothing in PostgreSQL's log); what the tests promise is how the runs end."""
+        if AIRFLOW_V3 and args[:2] == ("backfill", "create"):
+            self.wait_for_backfills_to_complete(args[args.index("--dag-id") + 1])
         done = self.airflow(*args, timeout=timeout, check=False)
         if not AIRFLOW_V3 and done.returncode != 0 and LOST_METADATA_CONNECTION in done.stdout + done.stderr:
             done = self.airflow(*args, timeout=timeout, check=False)
@@ -143,6 +145,18 @@ class AirflowStack:
                 f"airflow {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
             )
         return done
+
+    def wait_for_backfills_to_complete(self, dag_id: str, timeout: float = 180) -> None:
+        """Airflow 3 allows one running backfill per DAG and refuses a second with
+        ``AlreadyRunningBackfill``; its scheduler marks a backfill complete on a 30-second
+        timer after its last run ended. So a test's backfill waits for an earlier test's, as
+        an operator would, instead of failing on whichever timer tick came first."""
+        deadline = time.monotonic() + timeout
+        query = "SELECT id FROM backfill WHERE dag_id = %s AND completed_at IS NULL"
+        while running := self.metadata_rows(query, (dag_id,)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"backfills {running} of {dag_id} still running after {timeout} s")
+            time.sleep(2)
 
     def unpause(self, dag_id: str) -> None:
         """``airflow dags unpause DAG_ID``, once per DAG: no test pauses one again, and each

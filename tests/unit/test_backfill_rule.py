@@ -10,8 +10,11 @@ random order, reads that fail, runs outside the backfill ending meanwhile. Each 
 with only what it could see in Airflow (the run types and states, the task states and, on 2.11,
 who queued each task), through the same functions the operator uses.
 
-The promise checked: every day a task of the backfill was asked to read is read by a task of the
-backfill, unless a run of the backfill failed (so the backfill does not end in success).
+The promises checked, unless a run of the backfill failed (so the backfill does not end in
+success): every day a task of the backfill was asked to read is read by a task of the backfill;
+and with the forward read, every day of the range is read whenever a run of the backfill that
+executes its tasks falls on it, on the day before it or on the day after it. That covers a
+range's last day whose only run, its midnight, Airflow left out of the backfill.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from usage_agg.backfill import (
     days_read,
     first_window_start,
     in_backfill_v2,
+    in_backfill_v2_run,
     in_backfill_v3,
+    next_day_unread,
     readers_of,
 )
 
@@ -59,6 +64,7 @@ class Run:
     tasks: dict[str, Task]
     in_backfill: bool = False
     to_execute: list[str] = field(default_factory=list)
+    creating_job: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,7 +148,8 @@ def _existing_runs(scenario: Scenario) -> dict[dt.datetime, Run]:
             task_id: Task(state, None if state is None else job)
             for task_id, state in zip(scenario.deciders, spec.task_states, strict=True)
         }
-        runs[when] = Run(f"{spec.run_type}__{when.isoformat()}", when, spec.run_type, spec.state, tasks)
+        run_id = f"{spec.run_type}__{when.isoformat()}"
+        runs[when] = Run(run_id, when, spec.run_type, spec.state, tasks, creating_job=job)
     return runs
 
 
@@ -164,9 +171,35 @@ def _observed_readers(runs: dict, me: Run, task_id: str, deciders: dict, version
     return found
 
 
-def simulate(scenario: Scenario, decide=None) -> tuple[set, set, bool]:
+def _observed_next_day(runs: dict, me: Run, task_id: str, day: dt.date, version: int) -> list[bool]:
+    """What the task could see of the runs on ``day`` (as backfill_facts.runs_of_day): members or not."""
+    own_job = me.tasks[task_id].queued_by
+    found = []
+    for when in sorted((w for w in runs if w.date() == day), reverse=True):
+        run = runs[when]
+        if version == 3:
+            found.append(in_backfill_v3(run.run_type, run.state))
+        else:
+            found.append(
+                in_backfill_v2_run(run.creating_job, own_job)
+                or any(in_backfill_v2(task.queued_by, own_job) for task in run.tasks.values())
+            )
+    return found
+
+
+@dataclass
+class Outcome:
+    asked: set
+    read: set
+    failed: bool
+    #: the days of the range with a run of the backfill that executes tasks on them, the day before or after
+    near: set
+
+
+def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
     """Play the backfill; return the days its tasks were asked to read, the days they read, and
-    whether a run of the backfill failed. ``decide`` replaces the rule (to show a wrong one fails)."""
+    whether a run of the backfill failed. ``decide`` replaces the rule (to show a wrong one fails);
+    ``forward=False`` leaves out the forward read."""
     rng = random.Random(scenario.seed)
     runs = _existing_runs(scenario)
     others_in_flight = [run for run in runs.values() if run.state in IN_FLIGHT]
@@ -189,6 +222,7 @@ def simulate(scenario: Scenario, decide=None) -> tuple[set, set, bool]:
             if run is None:
                 run = Run(f"backfill__{when.isoformat()}", when, "backfill", "none yet", {})
                 run.tasks = {t: Task() for t in scenario.deciders}
+                run.creating_job = BACKFILL_JOB
             for task in run.tasks.values():
                 if task.state in ("failed", "upstream_failed") and scenario.reprocess == "rerun_failed":
                     task.state, task.queued_by = None, None
@@ -196,6 +230,7 @@ def simulate(scenario: Scenario, decide=None) -> tuple[set, set, bool]:
         run.in_backfill = True
         backfill.append(run)
     order = list(reversed(backfill)) if scenario.reverse else list(backfill)
+    executes = [run for run in backfill if run.to_execute]
 
     asked, read = set(), set()
     active: list[Run] = []
@@ -230,31 +265,80 @@ def simulate(scenario: Scenario, decide=None) -> tuple[set, set, bool]:
             elif scenario.fail_reads and rng.random() < 0.15:
                 task.state = "failed"
             else:
-                task.state = "success"
                 read.update(days)
+                own_day = run.logical_date.date()
+                if forward and 0 in scenario.deciders[task_id]:
+                    following = own_day + dt.timedelta(days=1)
+                    if next_day_unread(_observed_next_day(runs, run, task_id, following, scenario.version)):
+                        read.add(following)
+                task.state = "success"
         if not run.to_execute:
             done = {t.state for t in run.tasks.values()}
             run.state = "failed" if done & {"failed", "upstream_failed"} else "success"
             active.remove(run)
-    return asked, read, any(run.state == "failed" for run in backfill)
+    executing = {run.logical_date.date() for run in executes}
+    range_days = {when.date() for when in HOURS[scenario.start : scenario.end + 1]}
+    near = {d for d in range_days if executing & {d - dt.timedelta(days=1), d, d + dt.timedelta(days=1)}}
+    return Outcome(asked, read, any(run.state == "failed" for run in backfill), near)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())
 def test_every_day_the_backfill_is_asked_to_read_is_read_by_it_or_it_fails(scenario):
-    asked, read, failed = simulate(scenario)
-    assert failed or asked <= read, f"unread: {sorted(asked - read)}"
+    done = simulate(scenario)
+    assert done.failed or done.asked <= done.read, f"unread: {sorted(done.asked - done.read)}"
 
 
-def test_a_range_end_whose_only_run_is_left_out_is_not_read():
-    """The limit the README states: a range's last day has one run in the range, its midnight. If
-    Airflow leaves that run out of the backfill (3.3: it exists and is not reprocessed), no task of
-    the backfill is asked to read the day, whatever the rule; ending the range a day later helps."""
-    existing = {72: Existing("scheduled", "failed", ("failed", "success"))}
-    asked, read, failed = simulate(Scenario(3, "none", READERS, 24, 72, existing, 10, False, False, 0))
-    assert dt.date(2025, 10, 22) not in asked and not failed
-    asked, read, failed = simulate(Scenario(3, "none", READERS, 24, 96, existing, 10, False, False, 0))
-    assert dt.date(2025, 10, 22) in read
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_every_day_of_the_range_near_a_run_of_the_backfill_is_read_by_it_or_it_fails(scenario):
+    done = simulate(scenario)
+    assert done.failed or done.near <= done.read, f"unread: {sorted(done.near - done.read)}"
+
+
+#: a range of three days (2025-10-20 to 2025-10-22 00:00) whose last midnight failed before the backfill
+LAST_MIDNIGHT_FAILED = {72: Existing("scheduled", "failed", ("failed", "success"))}
+
+
+def test_a_range_end_whose_only_run_is_left_out_is_read_by_the_day_before():
+    """A range's last day has one run in the range, its midnight. If Airflow leaves that run out of the
+    backfill (3.3: it exists and is not reprocessed), no task is asked to read the day: the earliest run
+    of the day before reads it forward. Without the forward read, it is not read and the backfill succeeds."""
+    scenario = Scenario(3, "none", READERS, 24, 72, LAST_MIDNIGHT_FAILED, 10, False, False, 0)
+    before = simulate(scenario, forward=False)
+    assert dt.date(2025, 10, 22) not in before.read and not before.failed
+    done = simulate(scenario)
+    assert dt.date(2025, 10, 22) in done.read and not done.failed
+
+
+def test_on_2_11_a_last_midnight_that_succeeded_before_is_read_forward():
+    existing = {72: Existing("scheduled", "success", ("success", "success"))}
+    scenario = Scenario(2, "plain", READERS, 24, 72, existing, 8, False, False, 1)
+    assert dt.date(2025, 10, 22) not in simulate(scenario, forward=False).read
+    done = simulate(scenario)
+    assert dt.date(2025, 10, 22) in done.read and not done.failed
+
+
+def test_a_day_whose_runs_are_this_backfills_is_not_read_forward():
+    """The forward read costs one read of a day only where it is needed: in a plain range whose runs are
+    all the backfill's, the next day's runs are members and no task reads ahead."""
+    for version, reprocess in ((3, "none"), (2, "plain")):
+        scenario = Scenario(version, reprocess, READERS, 24, 72, {}, 1, False, False, 2)
+        assert next_day_unread([]) is False  # past the range: no run there
+        assert simulate(scenario).read == simulate(scenario, forward=False).read
+
+
+def test_the_next_day_rule():
+    assert next_day_unread([False]) and next_day_unread([False, False])
+    assert not next_day_unread([]) and not next_day_unread([True]) and not next_day_unread([False, True])
+    walked = []
+
+    def lazy():
+        for member in (False, True, False):
+            walked.append(member)
+            yield member
+
+    assert not next_day_unread(lazy()) and walked == [False, True]  # the first member ends the walk
 
 
 def _midnight_rule(run: Run, days: list) -> bool:
@@ -266,19 +350,19 @@ def test_the_simulator_finds_the_midnight_rule_leaving_days_unread():
     """The reported case: a plain 3.3 backfill over three days whose first two midnights failed."""
     existing = {24 + 24 * n: Existing("scheduled", "failed", ("failed", "success")) for n in (0, 1)}
     scenario = Scenario(3, "none", READERS, 24, 72, existing, 10, False, False, 0)
-    asked, read, failed = simulate(scenario, decide=_midnight_rule)
-    assert not failed and dt.date(2025, 10, 20) in asked - read
-    asked, read, failed = simulate(scenario)
-    assert not failed and asked <= read
+    done = simulate(scenario, decide=_midnight_rule)
+    assert not done.failed and dt.date(2025, 10, 20) in done.asked - done.read
+    done = simulate(scenario)
+    assert not done.failed and done.asked <= done.read
 
 
 def test_on_2_11_a_midnight_whose_tasks_succeeded_before_is_not_relied_on():
     existing = {i: Existing("manual", "success", ("success", "success")) for i in (24, 48)}
     scenario = Scenario(2, "plain", READERS, 24, 72, existing, 8, False, False, 3)
-    asked, read, failed = simulate(scenario, decide=_midnight_rule)
-    assert dt.date(2025, 10, 20) in asked - read
-    asked, read, failed = simulate(scenario)
-    assert not failed and asked <= read
+    done = simulate(scenario, decide=_midnight_rule)
+    assert dt.date(2025, 10, 20) in done.asked - done.read
+    done = simulate(scenario)
+    assert not done.failed and done.asked <= done.read
 
 
 @pytest.mark.parametrize("state", sorted(COVERING_STATES, key=str))

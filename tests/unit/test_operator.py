@@ -189,9 +189,126 @@ def test_a_backfill_run_reads_its_day_when_no_earlier_run_of_the_same_backfill_d
     result = AggregationResult(usage_date="2025-11-03", merchant_id=None, table="merchant_usage")
     _, aggregate, ti = _run_with_result(mocker, result)
     mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([reader] if reader else []))
+    mocker.patch("usage_agg.backfill_facts.runs_of_day", return_value=iter([True]))  # tomorrow: the backfill's
     operator = _hourly_dag()["aggregate_current_day"]
     operator.execute(_backfill_context(ti, 5))
     assert aggregate.call_args.args[2] == dt.date(2025, 11, 3)
+
+
+def _results_by_day(mocker, **fields):
+    """``aggregate_day`` answering with a result of the day it is asked for (``fields`` per day)."""
+    mocker.patch("airflow.providers.redis.hooks.redis.RedisHook")
+    mocker.patch("airflow.providers.postgres.hooks.postgres.PostgresHook")
+
+    def aggregate(redis_client, pg_conn, day, options, **kwargs):
+        return AggregationResult(day.isoformat(), None, "merchant_usage", **fields.get(day.isoformat(), {}))
+
+    return mocker.patch("usage_agg.operators.aggregate_day", side_effect=aggregate)
+
+
+class _Outlet:
+    """What ``context["outlet_events"][asset]`` is: the event's extra, set by the task."""
+
+    extra: dict | None = None
+
+
+def _asset_outlets(operator):
+    from airflow.providers.common.compat.assets import Asset
+
+    asset = Asset(uri="postgres://usage-postgres:5432/usage/public/merchant_usage")
+    operator.outlets = [asset]
+    events = {asset: _Outlet()}
+    return events, asset
+
+
+@pytest.mark.parametrize("hour", [0, 1, 23])
+def test_a_backfill_task_reading_its_day_also_reads_the_next_day_no_run_of_the_backfill_reads(mocker, hour):
+    """The range's last day, whose only run (its midnight) exists and was left out of the backfill."""
+    aggregate = _results_by_day(mocker, **{"2025-11-04": {"rows_written": 2}})
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([]))
+    runs_of_day = mocker.patch("usage_agg.backfill_facts.runs_of_day", return_value=iter([False]))
+    operator = _hourly_dag()["aggregate_current_day"]
+    events, asset = _asset_outlets(operator)
+    ti = mocker.MagicMock(dag_id="usage_aggregation", run_id="r", task_id="aggregate_current_day", map_index=-1)
+    payload = operator.execute({**_backfill_context(ti, hour), "outlet_events": events})
+    assert [c.args[2] for c in aggregate.call_args_list] == [dt.date(2025, 11, 3), dt.date(2025, 11, 4)]
+    assert runs_of_day.call_args.args[1] == dt.date(2025, 11, 4)
+    assert payload["usage_date"] == "2025-11-03" and payload["next_day"]["usage_date"] == "2025-11-04"
+    extra = events[asset].extra
+    assert extra["usage_date"] == "2025-11-03" and extra["next_day"]["usage_date"] == "2025-11-04"
+    assert extra["next_day"]["changed"] is True and extra["changed"] is False
+    assert json.loads(json.dumps(payload)) == payload
+
+
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [True],  # the next day's midnight is the backfill's: it reads its own day
+        [False, False, True],  # a later run of the next day is the backfill's
+        [],  # no run on the next day: past the range (3.3), or runs the backfill creates (2.11)
+    ],
+)
+def test_a_backfill_task_does_not_read_a_next_day_that_the_backfill_reads(mocker, runs):
+    aggregate = _results_by_day(mocker)
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([]))
+    mocker.patch("usage_agg.backfill_facts.runs_of_day", return_value=iter(runs))
+    ti = mocker.MagicMock(dag_id="usage_aggregation", run_id="r", task_id="aggregate_current_day", map_index=-1)
+    payload = _hourly_dag()["aggregate_current_day"].execute(_backfill_context(ti, 5))
+    assert [c.args[2] for c in aggregate.call_args_list] == [dt.date(2025, 11, 3)] and "next_day" not in payload
+
+
+@pytest.mark.parametrize("run_type", ["scheduled", "manual"])
+def test_only_a_backfill_task_reading_its_own_day_reads_forward(mocker, run_type):
+    aggregate = _results_by_day(mocker)
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([]))
+    runs_of_day = mocker.patch("usage_agg.backfill_facts.runs_of_day", return_value=iter([False]))
+    ti = mocker.MagicMock(dag_id="usage_aggregation", run_id="r", task_id="t", map_index=-1)
+    tasks = _hourly_dag()
+    tasks["aggregate_previous_day"].execute(_backfill_context(ti, 5))  # reads the day before: never forward
+    tasks["aggregate_current_day"].execute(_backfill_context(ti, 5, run_type))  # not a backfill
+    tasks["aggregate_current_day"].once_per_day_in_backfill = False
+    tasks["aggregate_current_day"].execute(_backfill_context(ti, 5))  # asked to read every run
+    assert [c.args[2] for c in aggregate.call_args_list] == [dt.date(2025, 11, 2), *[dt.date(2025, 11, 3)] * 2]
+    runs_of_day.assert_not_called()
+
+
+def test_new_bad_keys_on_the_next_day_fail_the_task_after_both_days_are_committed(mocker):
+    _results_by_day(mocker, **{"2025-11-04": {"bad_keys": 1, "new_bad_keys": 1}})
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([]))
+    mocker.patch("usage_agg.backfill_facts.runs_of_day", return_value=iter([False]))
+    ti = mocker.MagicMock(dag_id="usage_aggregation", run_id="r", task_id="aggregate_current_day", map_index=-1)
+    with pytest.raises(AirflowFailException, match=r"^1 new bad key\(s\) for 2025-11-04 \(1 in all\); good keys"):
+        _hourly_dag()["aggregate_current_day"].execute(_backfill_context(ti, 5))
+    published = ti.xcom_push.call_args.kwargs["value"]
+    assert published["usage_date"] == "2025-11-03" and published["next_day"]["new_bad_keys"] == 1
+
+
+@pytest.mark.parametrize(("rows_written", "marked"), [(3, True), (0, False)])
+def test_a_next_day_read_that_fails_leaves_the_first_days_writes_to_be_announced(mocker, rows_written, marked):
+    """The task fails, so no event announces the first day's commit: the audit says so, for the expiry check."""
+    calls = []
+
+    def aggregate(redis_client, pg_conn, day, options, **kwargs):
+        calls.append(day)
+        if len(calls) == 2:
+            raise ConnectionError("Redis went away")
+        return AggregationResult(day.isoformat(), None, "merchant_usage", rows_written=rows_written)
+
+    mocker.patch("airflow.providers.redis.hooks.redis.RedisHook")
+    mocker.patch("airflow.providers.postgres.hooks.postgres.PostgresHook")
+    mocker.patch("usage_agg.operators.aggregate_day", side_effect=aggregate)
+    mocker.patch("usage_agg.schema.resolve_names", return_value=mocker.MagicMock(**{"runs.quoted": '"usage_runs"'}))
+    mark = mocker.patch("usage_agg.operators.mark_not_announced")
+    mocker.patch("usage_agg.backfill_facts.earlier_readers", return_value=iter([]))
+    mocker.patch("usage_agg.backfill_facts.runs_of_day", return_value=iter([False]))
+    ti = mocker.MagicMock(dag_id="usage_aggregation", run_id="r", task_id="aggregate_current_day", map_index=-1)
+    with pytest.raises(ConnectionError):
+        _hourly_dag()["aggregate_current_day"].execute(_backfill_context(ti, 5))
+    if marked:
+        audit = {"dag_id": "usage_aggregation", "run_id": "r", "task_id": "aggregate_current_day"}
+        mark.assert_called_once_with(mocker.ANY, '"usage_runs"', audit, ["2025-11-03"])
+    else:
+        mark.assert_not_called()
 
 
 @pytest.mark.parametrize("run_type", ["scheduled", "manual"])
