@@ -39,9 +39,9 @@ def earlier_readers(
 
 
 def runs_of_day(context: Any, day: dt.date, offsets: Mapping[str, tuple[int, ...]]) -> Iterator[bool]:
-    """For each run of the DAG with a logical date on ``day``, latest first and lazily, whether it is
-    provably part of the task's backfill (Airflow 2.11: created by its job, or one of its deciding
-    tasks, ``offsets``' keys, queued by it)."""
+    """For each run of the DAG with a logical date on ``day``, whether it is provably part of the
+    task's backfill (Airflow 3: latest first and lazily, the first member ending the walk; Airflow
+    2.11: created by its job, or one of its deciding tasks, ``offsets``' keys, queued by it)."""
     ti = context["ti"]
     start = dt.datetime.combine(day, dt.time(0), tzinfo=dt.UTC)
     end = start + dt.timedelta(days=1)
