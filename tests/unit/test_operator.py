@@ -213,9 +213,9 @@ class _Outlet:
 
 
 def _asset_outlets(operator):
-    from airflow.providers.common.compat.assets import Asset
+    from usage_agg.assets import usage_asset
 
-    asset = Asset(uri="postgres://usage-postgres:5432/usage/public/merchant_usage")
+    asset = usage_asset("merchant_usage")
     operator.outlets = [asset]
     events = {asset: _Outlet()}
     return events, asset
