@@ -40,14 +40,17 @@ def earlier_readers(
 
 def runs_of_day(context: Any, day: dt.date, offsets: Mapping[str, tuple[int, ...]]) -> Iterator[bool]:
     """For each run of the DAG with a logical date on ``day``, whether it is provably part of the
-    task's backfill (Airflow 3: latest first and lazily, the first member ending the walk; Airflow
-    2.11: created by its job, or one of its deciding tasks, ``offsets``' keys, queued by it)."""
+    task's backfill and reads ``day`` there (Airflow 3: a run of the backfill runs all its tasks;
+    latest first and lazily, the first member ending the walk. Airflow 2.11: a run its job created,
+    or whose task reading the run's own day, of ``offsets``, it queued: 2.11 reruns only some tasks
+    of a run it takes in, and a rerun task that reads the day before does not read ``day``)."""
     ti = context["ti"]
     start = dt.datetime.combine(day, dt.time(0), tzinfo=dt.UTC)
     end = start + dt.timedelta(days=1)
     if AIRFLOW_V_3_0_PLUS:
         return _runs_of_day_v3(ti, start, end)
-    return iter(_runs_of_day_v2(ti, start, end, list(offsets)))
+    own_day_readers = [task_id for task_id, task_offsets in offsets.items() if 0 in task_offsets]
+    return iter(_runs_of_day_v2(ti, start, end, own_day_readers))
 
 
 def _runs_of_day_v3(ti: Any, start: dt.datetime, end: dt.datetime) -> Iterator[bool]:
@@ -68,7 +71,7 @@ def _runs_of_day_v3(ti: Any, start: dt.datetime, end: dt.datetime) -> Iterator[b
         yield in_backfill_v3(_value(run.run_type), _value(run.state))
 
 
-def _runs_of_day_v2(ti: Any, start: dt.datetime, end: dt.datetime, deciders: list[str]) -> list[bool]:
+def _runs_of_day_v2(ti: Any, start: dt.datetime, end: dt.datetime, own_day_readers: list[str]) -> list[bool]:
     from airflow.models import DagRun, TaskInstance
     from airflow.utils.session import create_session
     from sqlalchemy import and_, select
@@ -82,7 +85,7 @@ def _runs_of_day_v2(ti: Any, start: dt.datetime, end: dt.datetime, deciders: lis
                 and_(
                     TaskInstance.dag_id == DagRun.dag_id,
                     TaskInstance.run_id == DagRun.run_id,
-                    TaskInstance.task_id.in_(deciders),
+                    TaskInstance.task_id.in_(own_day_readers),
                     TaskInstance.map_index == -1,
                 ),
             )

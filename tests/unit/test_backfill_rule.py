@@ -12,9 +12,9 @@ who queued each task), through the same functions the operator uses.
 
 The promises checked, unless a run of the backfill failed (so the backfill does not end in
 success): every day a task of the backfill was asked to read is read by a task of the backfill;
-and with the forward read, every day of the range is read whenever a run of the backfill that
-executes its tasks falls on it, on the day before it or on the day after it. That covers a
-range's last day whose only run, its midnight, Airflow left out of the backfill.
+and with the forward read, every day of the range that a task the backfill executes is asked to
+read, or that follows the day of one reading its run's own day. That covers a range's last day
+whose only run, its midnight, Airflow left out of the backfill.
 """
 
 from __future__ import annotations
@@ -171,9 +171,10 @@ def _observed_readers(runs: dict, me: Run, task_id: str, deciders: dict, version
     return found
 
 
-def _observed_next_day(runs: dict, me: Run, task_id: str, day: dt.date, version: int) -> list[bool]:
+def _observed_next_day(runs: dict, me: Run, task_id: str, day: dt.date, deciders: dict, version: int) -> list[bool]:
     """What the task could see of the runs on ``day`` (as backfill_facts.runs_of_day): members or not."""
     own_job = me.tasks[task_id].queued_by
+    own_day_readers = [t for t, offsets in deciders.items() if 0 in offsets]
     found = []
     for when in sorted((w for w in runs if w.date() == day), reverse=True):
         run = runs[when]
@@ -182,7 +183,7 @@ def _observed_next_day(runs: dict, me: Run, task_id: str, day: dt.date, version:
         else:
             found.append(
                 in_backfill_v2_run(run.creating_job, own_job)
-                or any(in_backfill_v2(task.queued_by, own_job) for task in run.tasks.values())
+                or any(in_backfill_v2(run.tasks[t].queued_by, own_job) for t in own_day_readers if t in run.tasks)
             )
     return found
 
@@ -192,7 +193,8 @@ class Outcome:
     asked: set
     read: set
     failed: bool
-    #: the days of the range with a run of the backfill that executes tasks on them, the day before or after
+    #: the days of the range that a task the backfill executes is asked to read, or that follow the day
+    #: of one that reads its run's own day (the forward read)
     near: set
 
 
@@ -230,7 +232,7 @@ def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
         run.in_backfill = True
         backfill.append(run)
     order = list(reversed(backfill)) if scenario.reverse else list(backfill)
-    executes = [run for run in backfill if run.to_execute]
+    executes = [(run, list(run.to_execute)) for run in backfill if run.to_execute]
 
     asked, read = set(), set()
     active: list[Run] = []
@@ -269,16 +271,22 @@ def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
                 own_day = run.logical_date.date()
                 if forward and 0 in scenario.deciders[task_id]:
                     following = own_day + dt.timedelta(days=1)
-                    if next_day_unread(_observed_next_day(runs, run, task_id, following, scenario.version)):
+                    observed = _observed_next_day(runs, run, task_id, following, scenario.deciders, scenario.version)
+                    if next_day_unread(observed):
                         read.add(following)
                 task.state = "success"
         if not run.to_execute:
             done = {t.state for t in run.tasks.values()}
             run.state = "failed" if done & {"failed", "upstream_failed"} else "success"
             active.remove(run)
-    executing = {run.logical_date.date() for run in executes}
     range_days = {when.date() for when in HOURS[scenario.start : scenario.end + 1]}
-    near = {d for d in range_days if executing & {d - dt.timedelta(days=1), d, d + dt.timedelta(days=1)}}
+    near = set()  # the days an executing task is asked to read, and those after its own day (forward)
+    for run, task_ids in executes:
+        for task_id in task_ids:
+            near.update(days_read(run.logical_date, scenario.deciders[task_id]))
+            if 0 in scenario.deciders[task_id]:
+                near.add(run.logical_date.date() + dt.timedelta(days=1))
+    near &= range_days
     return Outcome(asked, read, any(run.state == "failed" for run in backfill), near)
 
 
@@ -317,6 +325,16 @@ def test_on_2_11_a_last_midnight_that_succeeded_before_is_read_forward():
     assert dt.date(2025, 10, 22) not in simulate(scenario, forward=False).read
     done = simulate(scenario)
     assert dt.date(2025, 10, 22) in done.read and not done.failed
+
+
+def test_on_2_11_a_last_midnight_whose_day_before_task_is_rerun_is_still_read_forward():
+    """Found by the property: 2.11 with --rerun-failed-tasks reruns only the failed task of an existing
+    run. When that is the midnight's aggregate_previous_day, the run is the backfill's but does not read
+    its own day: only a run whose task reading its own day the backfill runs is relied on."""
+    existing = {72: Existing("scheduled", "failed", ("success", "failed"))}
+    scenario = Scenario(2, "rerun_failed", READERS, 24, 72, existing, 1, True, False, 0)
+    done = simulate(scenario)
+    assert dt.date(2025, 10, 22) in done.near and dt.date(2025, 10, 22) in done.read and not done.failed
 
 
 def test_a_day_whose_runs_are_this_backfills_is_not_read_forward():
