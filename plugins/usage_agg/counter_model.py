@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from usage_agg.keys import BIGINT_MAX
 
@@ -75,9 +76,11 @@ class Rule:
     says nothing, of ``usage_agg.sink``'s docstring) that promises it."""
 
     name: str
-    applies: Callable[[Row | None, Read], bool]
+    #: whether the rule applies to the stored row (``None`` only for the first rule: every rule
+    #: after "new row" is asked about a row that exists, hence ``Any``, not ``Row | None``)
+    applies: Callable[[Any, Read], bool]
     #: ``(quantity, offset)`` the row takes; evaluated only when :attr:`applies`
-    outcome: Callable[[Row | None, Read], tuple[int, int]]
+    outcome: Callable[[Any, Read], tuple[int, int]]
     reset: str | None
     says: str
 
