@@ -32,7 +32,7 @@ class Collected:
 def test_every_folder_of_tests_is_a_declared_tier():
     folders = {path.relative_to(TESTS).parts[0] for path in TESTS.rglob("test_*.py")}
     assert folders == set(TIERS)
-    assert set(TIERS) <= declared_markers()
+    assert {*TIERS, "slow"} <= declared_markers()
 
 
 def test_every_test_file_gets_its_folders_marker():
@@ -46,14 +46,16 @@ def test_every_test_file_gets_its_folders_marker():
     assert wrong == []
 
 
-def test_pytest_selects_a_tier_by_its_marker():
-    """The hook marks the tests before ``-m`` deselects (one file of two tiers, collected only)."""
+def test_pytest_selects_a_tier_by_its_marker_and_leaves_out_the_slow_tests():
+    """The hook marks the tests before ``-m`` deselects (a file of each of two tiers, collected only),
+    as ``make check`` selects them."""
     files = ["tests/unit/test_keys.py", "tests/integration/test_windows.py"]
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "integration", *files],
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "integration and not slow", *files],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     collected = [line for line in done.stdout.splitlines() if "::" in line]
     assert collected, done.stdout[-3000:]
     assert all(line.startswith("tests/integration/test_windows.py::") for line in collected), collected
+    assert not [line for line in collected if "in_every_zone" in line]  # marked slow
