@@ -36,6 +36,16 @@ PG_USER = os.environ.get("USAGE_AGG_PG_USER", "postgres")
 PG_DATABASE = os.environ.get("USAGE_AGG_PG_DATABASE", "test")
 PG_DSN = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={PG_DATABASE}"
 
+#: The PostgreSQL drivers the integration tier runs each of its driver tests with: both that
+#: PostgresHook hands out (Airflow 2: psycopg2, Airflow 3: psycopg), or those USAGE_AGG_PG_DRIVERS
+#: names, comma-separated (`make check` runs psycopg alone; `make test` both; unset or empty: both).
+ALL_PG_DRIVERS = ("psycopg2", "psycopg")
+PG_DRIVERS = tuple(
+    name.strip() for name in (os.environ.get("USAGE_AGG_PG_DRIVERS") or ",".join(ALL_PG_DRIVERS)).split(",")
+)
+if not set(PG_DRIVERS) <= set(ALL_PG_DRIVERS):
+    raise pytest.UsageError(f"USAGE_AGG_PG_DRIVERS: one or more of {', '.join(ALL_PG_DRIVERS)}, got {PG_DRIVERS}")
+
 #: Redis databases by test tier, so a tier never sees another's keys.
 REDIS_DB = {"integration": 9, "dags": 10, "e2e": 12}
 
@@ -47,6 +57,12 @@ def tier_of(path: Path) -> str | None:
     except (ValueError, IndexError):
         return None
     return folder if folder in TIERS else None
+
+
+def pytest_report_header(config):
+    if PG_DRIVERS != ALL_PG_DRIVERS:
+        return f"PostgreSQL drivers: {', '.join(PG_DRIVERS)} only (USAGE_AGG_PG_DRIVERS)"
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

@@ -6,6 +6,7 @@ remember to, and a tier can be chosen with ``-m`` (``-m unit``, ``-m "integratio
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tomllib
@@ -46,16 +47,18 @@ def test_every_test_file_gets_its_folders_marker():
     assert wrong == []
 
 
-def test_pytest_selects_a_tier_by_its_marker_and_leaves_out_the_slow_tests():
-    """The hook marks the tests before ``-m`` deselects (a file of each of two tiers, collected only),
-    as ``make check`` selects them."""
+def test_pytest_selects_a_tier_by_its_marker_without_the_slow_tests_and_with_one_driver():
+    """The hook marks the tests before ``-m`` deselects (a file of each of two tiers, collected only);
+    USAGE_AGG_PG_DRIVERS narrows the integration tier's drivers."""
     files = ["tests/unit/test_keys.py", "tests/integration/test_windows.py"]
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "integration and not slow", *files],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, env={**os.environ, "USAGE_AGG_PG_DRIVERS": "psycopg"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     collected = [line for line in done.stdout.splitlines() if "::" in line]
     assert collected, done.stdout[-3000:]
     assert all(line.startswith("tests/integration/test_windows.py::") for line in collected), collected
     assert not [line for line in collected if "in_every_zone" in line]  # marked slow
+    assert not [line for line in collected if "[psycopg2" in line]
+    assert [line for line in collected if "[psycopg" in line]
