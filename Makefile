@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 venv = .venv-airflow-$(1)
 SOURCES := pyproject.toml $(shell find plugins dags -name '*.py' -o -name '*.sql')
 
-.PHONY: lint test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
+.PHONY: lint check test demo bench services browser constraints mutation clean $(addprefix test-,$(ENVIRONMENTS))
 
 # ruff (the rules in pyproject.toml) and mypy over plugins/, dags/ and example_dags/. ruff and mypy live in
 # a small virtualenv of their own; mypy checks against Airflow 3.3's environment, so it sees
@@ -30,6 +30,13 @@ lint: .venv-lint/installed $(call venv,3.3)/installed
 	test -x .venv-lint/bin/python || $(PYTHON) -m venv .venv-lint
 	.venv-lint/bin/python -m pip install --quiet --disable-pip-version-check ruff==$(RUFF_VERSION) mypy==$(MYPY_VERSION)
 	touch $@
+
+# The quick loop while changing the code, not the proof (`make test` is; CI runs that): lint, then the
+# unit and integration tiers on Airflow 3.3 alone, without the tests marked slow (pyproject.toml) and
+# with one PostgreSQL driver, psycopg, the one Airflow 3's PostgresHook hands out (make test: both).
+check: lint services $(call venv,3.3)/installed
+	USAGE_AGG_PG_DRIVERS=psycopg tools/airflow-env.sh 3.3 $(call venv,3.3)/bin/python -m pytest --durations=10 \
+		-m "not slow" tests/unit tests/integration $(PYTEST_ARGS)
 
 # The whole suite, on every supported Airflow version; the unit and DAG tiers at the lowest versions.
 test: services browser $(addprefix test-,$(ENVIRONMENTS))

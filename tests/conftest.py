@@ -4,6 +4,9 @@ Services come from USAGE_AGG_REDIS_HOST/PORT and USAGE_AGG_PG_HOST/PORT/USER/DAT
 (set by tools/airflow-env.sh; the usual localhost ports otherwise), read here only: every
 test takes the suite's addresses from these settings. Each test gets an emptied Redis
 database of its own tier and a PostgreSQL schema of its own, dropped after.
+
+Every test is marked with its tier, the folder it is in (``-m unit``, ``-m integration``...),
+by the collection hook below, so no test file has to remember.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+#: The tiers, one folder each under tests/; each is also a pytest marker (declared in pyproject.toml).
+TIERS = ("unit", "integration", "dags", "e2e", "system")
 
 REDIS_HOST = os.environ.get("USAGE_AGG_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("USAGE_AGG_REDIS_PORT", "6379"))
@@ -29,8 +36,42 @@ PG_USER = os.environ.get("USAGE_AGG_PG_USER", "postgres")
 PG_DATABASE = os.environ.get("USAGE_AGG_PG_DATABASE", "test")
 PG_DSN = f"host={PG_HOST} port={PG_PORT} user={PG_USER} dbname={PG_DATABASE}"
 
+#: The PostgreSQL drivers the integration tier runs each of its driver tests with: both that
+#: PostgresHook hands out (Airflow 2: psycopg2, Airflow 3: psycopg), or those USAGE_AGG_PG_DRIVERS
+#: names, comma-separated (`make check` runs psycopg alone; `make test` both; unset or empty: both).
+ALL_PG_DRIVERS = ("psycopg2", "psycopg")
+PG_DRIVERS = tuple(
+    name.strip() for name in (os.environ.get("USAGE_AGG_PG_DRIVERS") or ",".join(ALL_PG_DRIVERS)).split(",")
+)
+if not set(PG_DRIVERS) <= set(ALL_PG_DRIVERS):
+    raise pytest.UsageError(f"USAGE_AGG_PG_DRIVERS: one or more of {', '.join(ALL_PG_DRIVERS)}, got {PG_DRIVERS}")
+
 #: Redis databases by test tier, so a tier never sees another's keys.
 REDIS_DB = {"integration": 9, "dags": 10, "e2e": 12}
+
+
+def tier_of(path: Path) -> str | None:
+    """The tier of a test file: the folder under tests/ it is in (None outside them)."""
+    try:
+        folder = Path(path).resolve().relative_to(TESTS).parts[0]
+    except (ValueError, IndexError):
+        return None
+    return folder if folder in TIERS else None
+
+
+def pytest_report_header(config):
+    if PG_DRIVERS != ALL_PG_DRIVERS:
+        return f"PostgreSQL drivers: {', '.join(PG_DRIVERS)} only (USAGE_AGG_PG_DRIVERS)"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark every test with its tier, from its folder."""
+    for item in items:
+        tier = tier_of(item.path)
+        if tier is not None:
+            item.add_marker(tier)
 
 
 def find_redis_server(path: str | None = None) -> str:

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import pg_connect
+from tests.conftest import PG_DRIVERS, pg_connect
 
 
-@pytest.fixture(params=["psycopg2", "psycopg"])
+@pytest.fixture(params=PG_DRIVERS)
 def pg_conn(request, pg_schema):
-    """A connection of each driver PostgresHook may hand out (Airflow 2: psycopg2, 3: psycopg).
+    """A connection of each driver PostgresHook may hand out (Airflow 2: psycopg2, 3: psycopg;
+    ``PG_DRIVERS``, both unless USAGE_AGG_PG_DRIVERS names one).
 
     It asks for ``pg_schema`` so it is closed before the schema is dropped: a test that
     fails inside a transaction would otherwise leave the DROP waiting on its locks forever.

@@ -197,6 +197,7 @@ def own_cluster(tmp_path):
         cluster.stop()
 
 
+@pytest.mark.slow  # a cluster of its own, a wait for its uptime to tick, a primary restarted
 @pytest.mark.parametrize("restarted", ["daily-counters-primary", "hourly-hashs-primary"])
 def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluster, pg_conn, table, query, restarted):
     """A key's hourly hash hashes to another slot than its daily counter, here on another
@@ -231,6 +232,7 @@ def test_an_hour_is_never_counted_twice_when_another_primary_restarts(own_cluste
         assert (daily, hour, result.resets, result.hourly_resets) == ([(13, 0)], [(13, 10)], 0, 1)
 
 
+@pytest.mark.slow  # a cluster of its own, a wait for its uptime to tick, a primary restarted
 @pytest.mark.parametrize("discovery", ["scan", "index"])
 def test_an_hour_reset_before_never_counts_a_restored_snapshot_twice(own_cluster, pg_conn, table, query, discovery):
     """The rebase reaches hourly rows on a cluster (found by a review: hours took no server life,
@@ -272,6 +274,7 @@ def test_an_hour_reset_before_never_counts_a_restored_snapshot_twice(own_cluster
     assert (daily, [q for q, _ in hour], grown.hourly_resets) == ([(13,)], [13], 0)
 
 
+@pytest.mark.slow  # a cluster of its own, a wait for its uptime to tick, a primary restarted
 @pytest.mark.parametrize("part", [True, False], ids=["its-part", "whole-day"])
 def test_keys_moved_onto_a_primary_that_started_empty_are_not_a_restart(
     own_cluster, pg_conn, table, query, monkeypatch, part

@@ -9,7 +9,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.conftest import pg_connect
+from tests.conftest import PG_DRIVERS, pg_connect
 from usage_agg.aggregate import aggregate_day
 from usage_agg.tracking import track_usage
 
@@ -80,7 +80,7 @@ def test_redis_connection_killed_mid_run(redis_client, table, query):
     conn.close()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", PG_DRIVERS)
 def test_postgres_backend_terminated_mid_run(redis_client, table, query, caplog, driver):
     seed(redis_client, 1)
     conn = pg_connect(driver)
@@ -141,7 +141,7 @@ def test_two_runs_of_the_same_date_at_once(redis_client, table, query, pg_schema
     assert sorted(w for w, _, _ in written) == [0, 0, 0, MERCHANTS, MERCHANTS]
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", PG_DRIVERS)
 def test_a_session_ended_between_runs_is_named_by_the_servers_own_words(redis_client, table, query, caplog, driver):
     """The next run on a connection the server ended says why, with either driver."""
     seed(redis_client, 1)
@@ -187,7 +187,7 @@ def test_a_failed_run_leaves_no_reader_thread_behind(redis_client, table, monkey
         conn.close()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", PG_DRIVERS)
 def test_a_statement_timeout_names_the_setting_and_how_to_lift_it(redis_client, table, query, caplog, driver):
     """A role's statement_timeout that ends a day's statement fails every retry the same way, so
     the error says where the limit comes from and how the connection's extra lifts it.

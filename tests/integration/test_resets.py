@@ -127,6 +127,7 @@ def test_a_snapshot_restore_never_counts_restored_values_twice(servers, pg_conn,
     assert totals(query, table)[("acme", "queries")] == (150, 30)
 
 
+@pytest.mark.slow  # two waits for Redis's uptime to tick (UPTIME_RESOLUTION), two restarts
 @pytest.mark.usefixtures("merge_by")
 def test_a_snapshot_restored_after_an_empty_restart_never_counts_its_values_twice(servers, pg_conn, table, query):
     """Redis comes back empty, writers count on, then an operator restores the last good
@@ -202,6 +203,7 @@ def test_a_drop_then_a_snapshot_from_before_it_counts_nothing_twice(servers, pg_
     assert totals(query, table) == {("acme", "queries"): (17, 0)}
 
 
+@pytest.mark.slow  # a wait for Redis's uptime to tick, a restart, a replica synced
 def test_a_snapshot_restored_through_a_replica_link_never_counts_its_values_twice(
     servers, pg_conn, table, query, tmp_path
 ):
@@ -244,6 +246,7 @@ def test_a_snapshot_restored_through_a_replica_link_never_counts_its_values_twic
     assert totals(query, table) == {("acme", "queries"): (15, 2)}
 
 
+@pytest.mark.slow  # two Redis servers, one a synced replica
 def test_a_replica_promoted_behind_its_primary(servers, pg_conn, table, query):
     primary = servers()
     replica = servers("--replicaof", "127.0.0.1", str(primary.port))

@@ -76,6 +76,7 @@ def first_instant(local: dt.datetime, tz: ZoneInfo) -> dt.datetime:
     return min(real) if real else local.replace(tzinfo=tz, fold=0).astimezone(UTC)
 
 
+@pytest.mark.slow  # finds every zone's changes near midnight
 def test_the_year_range_holds_changes_of_every_kind_near_midnight():
     """The zones below include clocks going back across midnight (it happens twice) and
     forward across it (it does not happen)."""
@@ -88,6 +89,7 @@ def test_the_year_range_holds_changes_of_every_kind_near_midnight():
     assert {"America/Havana", "America/Santiago", "America/Asuncion", "Asia/Beirut"} <= {z for z, _ in midnight_changes()}
 
 
+@pytest.mark.slow  # every change near midnight in every zone
 def test_every_window_starts_where_its_local_period_starts_in_every_zone(pg_conn, pg_schema):
     """For every change near midnight in every zone (hours from 3 days before it to 3 days
     after) and every grain: every hour lies in exactly one window, and that window's bounds
