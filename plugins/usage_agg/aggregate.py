@@ -20,6 +20,7 @@ from usage_agg.keys import HOURLY_PREFIX, parse_date
 from usage_agg.options import AggregationOptions
 from usage_agg.partitions import check_layout_unchanged, part_layout
 from usage_agg.prefetch import prefetched
+from usage_agg.samples import add_samples
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import RedisTookKeysIn, check_unchanged, read_incarnations
 from usage_agg.sink import (
@@ -49,8 +50,6 @@ class Logger(Protocol):
 #: Bad keys named one by one in the log (and the result); all are counted and recorded.
 BAD_KEY_LOG_LIMIT = 100
 HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
-#: Resets returned (and logged) by name; all are counted.
-SAMPLE_LIMIT = 20
 #: Rows read per chunk. A day's first aggregation writes each chunk while Redis is read
 #: for the next; a day with rows stages them all and compares once (``DayWriter.end_chunk``).
 MERGE_EVERY_ROWS = 20_000
@@ -289,8 +288,7 @@ def _noting_keys_taken_in(pg_conn, names, logger) -> Iterator[None]:
 
 def _add_mismatches(result: AggregationResult, batch) -> None:
     result.hourly_mismatches += batch.hourly_mismatches
-    room = SAMPLE_LIMIT - len(result.hourly_mismatch_samples)
-    result.hourly_mismatch_samples.extend(batch.mismatch_samples[: max(room, 0)])
+    add_samples(result.hourly_mismatch_samples, batch.mismatch_samples)
 
 
 def _add_merge(result: AggregationResult, merged: MergeResult) -> None:
@@ -301,8 +299,7 @@ def _add_merge(result: AggregationResult, merged: MergeResult) -> None:
     result.hourly_rows_written += merged.hourly_rows_written
     result.hourly_rows_unchanged += merged.hourly_rows_unchanged
     result.hourly_resets += merged.hourly_resets
-    room = SAMPLE_LIMIT - len(result.reset_samples)
-    result.reset_samples.extend(merged.reset_samples[: max(room, 0)])
+    add_samples(result.reset_samples, merged.reset_samples)
 
 
 def _add_bad_keys(writer: DayWriter, logger, result: AggregationResult, bad_keys: list) -> None:

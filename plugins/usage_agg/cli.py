@@ -133,15 +133,20 @@ def airflow_health(args) -> None:
 
 
 def run_status(args) -> int:
-    from usage_agg.keys import parse_date
+    from usage_agg.keys import check_merchant_id, parse_date
     from usage_agg.reconcile import SchemaMissing, reconcile_date
 
     try:
         day = parse_date(args.date, field="date")
     except ValueError as err:
         raise CliError(str(err)) from None
-    if args.merchant is not None and not args.merchant:
-        raise CliError("--merchant: must not be empty")
+    if args.merchant is not None:
+        if not args.merchant:
+            raise CliError("--merchant: must not be empty")
+        try:
+            check_merchant_id(args.merchant)
+        except ValueError as err:
+            raise CliError(f"--merchant: {err}") from None
 
     def reconcile(redis_client, pg_conn):
         try:

@@ -31,6 +31,7 @@ from usage_agg.keys import (
     KEY_PREFIX,
     BadKeyError,
     UsageKey,
+    as_bytes,
     daily_key_of_hours,
     day_pattern,
     hours_pattern,
@@ -40,6 +41,7 @@ from usage_agg.keys import (
     parse_quantity,
 )
 from usage_agg.reconcile import EXPIRY_WARNING
+from usage_agg.samples import SAMPLE_LIMIT
 from usage_agg.schema import SchemaNames, missing_objects, resolve_names
 from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW, count_or_none
 
@@ -48,7 +50,6 @@ DAILY_PREFIX = KEY_PREFIX.encode()
 HOURLY_KEY_PREFIX = HOURLY_PREFIX.encode()
 #: daily counters and hourly hashes in one pass (other keys it meets are skipped by prefix)
 ANY_USAGE_KEY = "usage*"
-SAMPLE_LIMIT = 20
 
 
 @dataclass
@@ -148,7 +149,7 @@ class _StoredValues:
             previews.append(
                 None
                 if value is None
-                else pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace"))
+                else pg_text(as_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace"))
             )
         with self.pg_conn.cursor() as cur:
             cur.execute(
@@ -184,14 +185,14 @@ class _StoredValues:
                 expected.append((i, None, None, None, None, identity(key), None))
                 continue
             for field_name, value in reply.items():
-                field_bytes = _bytes(field_name)
+                field_bytes = as_bytes(field_name)
                 try:
                     hour = dt.datetime.combine(day, dt.time(parse_hour(field_bytes)), dt.UTC)
                     expected.append(
                         (i, parsed.merchant_id, parsed.metric_type, hour, parse_quantity(value), None, None)
                     )
                 except BadKeyError:
-                    preview = pg_text(_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace"))
+                    preview = pg_text(as_bytes(value)[:RAW_VALUE_PREVIEW].decode("utf-8", "backslashreplace"))
                     expected.append((i, None, None, None, None, identity(key, field_bytes), preview))
         if not expected:
             return []
@@ -212,10 +213,6 @@ class _StoredValues:
             unsaved = sorted(int(i) for (i,) in cur.fetchall())
         self.pg_conn.rollback()
         return unsaved
-
-
-def _bytes(value) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")
 
 
 def _scan_days(
@@ -285,7 +282,7 @@ def _scan_days(
     day: dt.date | None  # None: a bad key that names no day
     for pattern in patterns:
         for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
-            raw_key = _bytes(raw_key)
+            raw_key = as_bytes(raw_key)
             if raw_key.startswith(DAILY_PREFIX):
                 named = raw_key
             elif raw_key.startswith(HOURLY_KEY_PREFIX):

@@ -63,7 +63,9 @@ def parse_date(value: str | dt.date, *, field: str = "usage_date") -> dt.date:
         raise ValueError(f"{field}: {value!r} is not a valid calendar date") from None
 
 
-def _check_merchant_id(merchant_id: str) -> None:
+def check_merchant_id(merchant_id: str) -> None:
+    """Refuse a merchant id no key can carry and PostgreSQL cannot store: the one check, for the
+    operator's options, a rerun's conf, the CLI's ``--merchant`` and the key helpers."""
     if not isinstance(merchant_id, str) or not merchant_id:
         raise ValueError(f"merchant_id: must be a non-empty string, got {merchant_id!r}")
     if "\x00" in merchant_id:
@@ -94,7 +96,7 @@ def _length_problem(what: str, text: str, limit: int) -> str | None:
 
 def build_key(merchant_id: str, usage_date: str | dt.date, metric_type: str) -> str:
     """Build the Redis key for one merchant, day and metric."""
-    _check_merchant_id(merchant_id)
+    check_merchant_id(merchant_id)
     _check_metric_type(metric_type)
     day = parse_date(usage_date)
     return f"{KEY_PREFIX}{merchant_id}:{day.isoformat()}:{metric_type}"
@@ -275,7 +277,7 @@ def day_pattern(usage_date: str | dt.date, merchant_id: str | None = None) -> st
     day = parse_date(usage_date).isoformat()
     if merchant_id is None:
         return f"{KEY_PREFIX}*:{day}:*"
-    _check_merchant_id(merchant_id)
+    check_merchant_id(merchant_id)
     return f"{KEY_PREFIX}{escape_match(merchant_id)}:{day}:*"
 
 
@@ -313,3 +315,9 @@ def bad_key_belongs_to(raw_key: bytes, day_text: str, merchant_id: str | None) -
         return True
     prefix = f"{KEY_PREFIX}{merchant_id}:{day_text}:".encode()
     return raw_key.startswith(prefix) and b":" not in raw_key[len(prefix) :]
+
+
+def as_bytes(value: bytes | str | int) -> bytes:
+    """What redis-py returned (bytes, or str/int from a client decoding responses) as bytes;
+    text that is not UTF-8 round-trips through ``surrogateescape``."""
+    return value if isinstance(value, bytes) else str(value).encode("utf-8", "surrogateescape")

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 from dataclasses import dataclass
 
+from usage_agg.keys import check_merchant_id
 from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, DISCOVERY_MODES
 
@@ -47,8 +48,10 @@ class AggregationOptions:
     hourly: bool = True
 
     def __post_init__(self) -> None:
-        if self.merchant_id is not None and (not isinstance(self.merchant_id, str) or not self.merchant_id):
-            raise ValueError(f"merchant_id: must be a non-empty string or None, got {self.merchant_id!r}")
+        if self.merchant_id is not None:
+            if not isinstance(self.merchant_id, str) or not self.merchant_id:
+                raise ValueError(f"merchant_id: must be a non-empty string or None, got {self.merchant_id!r}")
+            check_merchant_id(self.merchant_id)
         if (self.partition is None) != (self.partition_count is None) or (
             self.partition_count is not None and self.partition_count < 1
         ):

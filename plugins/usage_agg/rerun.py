@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from usage_agg.keys import MAX_MERCHANT_ID_BYTES, parse_date
+from usage_agg.keys import check_merchant_id, parse_date
 
 MAX_RANGE_DAYS = 31
 
@@ -76,15 +76,12 @@ def _merchant(merchant_id: object, all_merchants: object) -> str | None:
             f"all_merchants: must be off when merchant_id is given ({merchant_id!r}); leave merchant_id empty "
             "to rerun every merchant"
         )
-    if not isinstance(merchant_id, str) or not merchant_id.strip():
+    if not isinstance(merchant_id, str) or not merchant_id.strip():  # a form left blank but for spaces
         raise RerunRequestError(f"merchant_id: must be a non-empty string, got {merchant_id!r}")
-    if "\x00" in merchant_id:
-        raise RerunRequestError("merchant_id: must not contain a NUL character")
-    size = len(merchant_id.encode("utf-8", "surrogatepass"))
-    if size > MAX_MERCHANT_ID_BYTES:
-        raise RerunRequestError(
-            f"merchant_id: is {size} bytes long; at most {MAX_MERCHANT_ID_BYTES} bytes are accepted"
-        )
+    try:
+        check_merchant_id(merchant_id)
+    except ValueError as err:
+        raise RerunRequestError(str(err)) from None
     return merchant_id
 
 

@@ -58,6 +58,7 @@ from usage_agg import audit, dead_letters
 from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, is_unique_violation, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
+from usage_agg.samples import SAMPLE_LIMIT, add_samples
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
 from usage_agg.servers import RedisIncarnation
 from usage_agg.source import BadKey, Counter
@@ -72,8 +73,6 @@ MERGE_WORK_MEM = "64MB"
 LOOKUP_ROWS = 20_000
 #: After a refusal in that scan, the stage is merged again this many pages (8 kB) at a time.
 SLICE_PAGES = 128
-#: How many resets are returned (and logged) by name per merge; all are counted.
-SAMPLE_LIMIT = 20
 
 _STAGE = "pg_temp.usage_agg_stage"
 _HOURLY_STAGE = "pg_temp.usage_agg_hourly_stage"
@@ -156,7 +155,7 @@ class MergeResult:
         self.rows_unchanged += other.rows_unchanged
         self.decreases_refused += other.decreases_refused
         self.resets += other.resets
-        self.reset_samples.extend(other.reset_samples[: max(SAMPLE_LIMIT - len(self.reset_samples), 0)])
+        add_samples(self.reset_samples, other.reset_samples)
         self.refused.extend(other.refused)
         self.hourly_rows_written += other.hourly_rows_written
         self.hourly_rows_unchanged += other.hourly_rows_unchanged

@@ -21,6 +21,7 @@ from usage_agg.keys import (
     BadKeyError,
     UsageKey,
     are_plain_quantities,
+    as_bytes,
     bad_key_belongs_to,
     belongs_to,
     daily_key_of_hours,
@@ -118,7 +119,7 @@ def discovery_method(
     if discovery == "scan" or (discovery == "auto" and merchant_id is not None):
         return "scan"
     day_index = index_key(usage_date)
-    kind = _as_bytes(client.type(day_index)).decode("ascii", "replace")
+    kind = as_bytes(client.type(day_index)).decode("ascii", "replace")
     if kind == "set":
         return "index"
     if kind != "none":
@@ -245,7 +246,7 @@ def _discovered(client, usage_date: dt.date, pattern: str, method: str, scan_cou
     else:
         keys = client.scan_iter(match=pattern, count=scan_count)
     for key in keys:
-        yield _as_bytes(key)
+        yield as_bytes(key)
 
 
 def _finish(client, source: str, batch: Batch, usage_date: dt.date, hourly: bool) -> Batch:
@@ -364,7 +365,7 @@ def _add_hours(batch: Batch, raw_key: bytes, merchant: bytes, metric: bytes, rep
         try:
             hour, quantity = parse_hour(field_name), parse_quantity(value)
         except BadKeyError as err:
-            batch.bad_hours.append(BadKey(raw_key, str(err), _preview(value), field=_as_bytes(field_name)))
+            batch.bad_hours.append(BadKey(raw_key, str(err), _preview(value), field=as_bytes(field_name)))
             continue
         batch.hours.append((merchant, metric, hour, quantity))
         total += quantity
@@ -385,10 +386,6 @@ def _note_mismatch(
                 "reason": reason,
             }
         )
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
 
 
 def _read_batch_in_bulk(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None) -> Batch:
@@ -457,7 +454,7 @@ def _read_values(client, raw_keys: list[bytes]) -> list:
 
 
 def _preview(value: bytes | str) -> bytes:
-    return _as_bytes(value)[:RAW_VALUE_PREVIEW]
+    return as_bytes(value)[:RAW_VALUE_PREVIEW]
 
 
 def _describe_wrong_types(client, raw_keys: list[bytes]) -> list[BadKey]:
@@ -465,7 +462,7 @@ def _describe_wrong_types(client, raw_keys: list[bytes]) -> list[BadKey]:
     pipe = client.pipeline(transaction=False)
     for raw_key in raw_keys:
         pipe.type(raw_key)
-    kinds = [_as_bytes(kind).decode("ascii", "replace") for kind in pipe.execute(raise_on_error=False)]
+    kinds = [as_bytes(kind).decode("ascii", "replace") for kind in pipe.execute(raise_on_error=False)]
     return [
         BadKey(raw_key, f"key holds a Redis {kind}, not a string counter")
         for raw_key, kind in zip(raw_keys, kinds)

@@ -54,7 +54,7 @@ def test_bad_requests_are_refused_naming_the_field(kwargs, field, detail):
 
 def test_a_merchant_id_over_the_key_limit_is_refused_before_any_data_is_touched():
     validate_rerun_request("é" * 512, "2025-11-01", today=TODAY)  # 1024 bytes: the longest accepted
-    with pytest.raises(RerunRequestError, match="^merchant_id: is 1026 bytes long; at most 1024"):
+    with pytest.raises(RerunRequestError, match="^merchant_id: merchant id is 1026 bytes long; at most 1024"):
         validate_rerun_request("é" * 513, "2025-11-01", today=TODAY)
 
 

@@ -44,7 +44,9 @@ def test_without_today_the_request_is_judged_by_the_utc_date(local_date_is_not_u
 
 
 def test_a_nul_in_the_merchant_id_is_refused_with_its_own_message():
-    assert refusal(merchant_id="a\x00b", date="2025-11-01", today=TODAY) == "merchant_id: must not contain a NUL character"
+    assert refusal(merchant_id="a\x00b", date="2025-11-01", today=TODAY) == (
+        "merchant_id: must not contain a NUL character (PostgreSQL text cannot store it)"
+    )
 
 
 @pytest.mark.parametrize("missing", [None, ""])
