@@ -89,6 +89,10 @@ class ServerLife:
         never a replica, nothing copied in (:attr:`RedisIncarnation.started_empty`)."""
         return not (self.may_have_loaded_keys or self.replicated or self.took_keys_in)
 
+    def incarnation(self, address: str) -> RedisIncarnation:
+        """This life as the writer notes it, for the server at ``address``."""
+        return RedisIncarnation(self.life_id, address, self.started_at, self.started_empty, self.seen_at)
+
 
 def server_life(
     server: Mapping[str, Any],
@@ -116,8 +120,7 @@ def read_incarnation(node_client, address: str) -> RedisIncarnation:
     pipe = node_client.pipeline(transaction=False)
     for section in INFO_SECTIONS:
         pipe.info(section)
-    life = server_life(*pipe.execute())
-    return RedisIncarnation(life.life_id, address, life.started_at, life.started_empty, life.seen_at)
+    return server_life(*pipe.execute()).incarnation(address)
 
 
 def _life_id(server, replication) -> str:
