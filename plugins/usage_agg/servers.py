@@ -13,6 +13,7 @@ The writer keeps, per row, the incarnation its last value came from
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,24 +58,69 @@ class RedisIncarnation:
     seen_at: dt.datetime
 
 
-def read_incarnation(node_client, address: str) -> RedisIncarnation:
-    """The incarnation of one server, from its ``INFO`` (one round trip)."""
-    pipe = node_client.pipeline(transaction=False)
-    for section in ("server", "persistence", "replication", "commandstats"):
-        pipe.info(section)
-    server, persistence, replication, commands = pipe.execute()
+#: The ``INFO`` sections :func:`server_life` reads, in the order :func:`read_incarnation` asks for them.
+INFO_SECTIONS = ("server", "persistence", "replication", "commandstats")
+
+
+@dataclass(frozen=True)
+class ServerLife:
+    """What one reply of ``INFO`` says about the server's life (see :func:`server_life`)."""
+
+    #: the ``run_id``, with the replication id after it (``run_id/replid``) where the server
+    #: is or was a replica in this process (see :func:`_life_id`)
+    life_id: str
+    #: when this life began, on the server's clock, rounded down a second more to be safe
+    started_at: dt.datetime
+    #: the server's clock when ``INFO`` was read
+    seen_at: dt.datetime
+    #: keys may have been loaded at start: a snapshot's (``rdb_last_load_keys_loaded`` not 0, or
+    #: unknown before Redis 7.0) or an append-only file's (``aof_enabled`` not 0, or unknown)
+    may_have_loaded_keys: bool
+    #: the server is a replica, or was one in this process (a promoted replica keeps its old
+    #: primary's replication id as ``master_replid2``): its data came by replication
+    replicated: bool
+    #: the server ran ``RESTORE`` (what ``MIGRATE`` sends; ``RESTORE-ASKING`` on a cluster):
+    #: keys were copied in from elsewhere
+    took_keys_in: bool
+
+    @property
+    def started_empty(self) -> bool:
+        """Every counter this life holds was counted from zero in it: nothing loaded at start,
+        never a replica, nothing copied in (:attr:`RedisIncarnation.started_empty`)."""
+        return not (self.may_have_loaded_keys or self.replicated or self.took_keys_in)
+
+    def incarnation(self, address: str) -> RedisIncarnation:
+        """This life as the writer notes it, for the server at ``address``."""
+        return RedisIncarnation(self.life_id, address, self.started_at, self.started_empty, self.seen_at)
+
+
+def server_life(
+    server: Mapping[str, Any],
+    persistence: Mapping[str, Any],
+    replication: Mapping[str, Any],
+    commandstats: Mapping[str, Any],
+) -> ServerLife:
+    """The life facts in one reply of ``INFO``, given its sections parsed as redis-py returns
+    them (``client.info(section)``). No I/O: every decision on ``INFO`` fields is made here."""
     now = dt.datetime.fromtimestamp(int(server["server_time_usec"]) / 1e6, dt.UTC)
     uptime = dt.timedelta(seconds=int(server["uptime_in_seconds"]) + 1)
     loaded = persistence.get("rdb_last_load_keys_loaded")  # Redis 7.0+; unknown before: assume loaded
-    started_empty = (
-        loaded is not None
-        and int(loaded) == 0
-        and str(persistence.get("aof_enabled", "1")) == "0"
-        and replication.get("role") == "master"
-        and _is_zero_id(replication.get("master_replid2"))
-        and not any(int(commands.get(name, {}).get("calls", 0)) for name in _COPY_COMMANDS)
+    return ServerLife(
+        life_id=_life_id(server, replication),
+        started_at=now - uptime,
+        seen_at=now,
+        may_have_loaded_keys=(loaded is None or int(loaded) != 0 or str(persistence.get("aof_enabled", "1")) != "0"),
+        replicated=_replicated(replication),
+        took_keys_in=any(int(commandstats.get(name, {}).get("calls", 0)) for name in _COPY_COMMANDS),
     )
-    return RedisIncarnation(_life_id(server, replication), address, now - uptime, started_empty, now)
+
+
+def read_incarnation(node_client, address: str) -> RedisIncarnation:
+    """The incarnation of one server, from its ``INFO`` (one round trip)."""
+    pipe = node_client.pipeline(transaction=False)
+    for section in INFO_SECTIONS:
+        pipe.info(section)
+    return server_life(*pipe.execute()).incarnation(address)
 
 
 def _life_id(server, replication) -> str:
@@ -84,9 +130,15 @@ def _life_id(server, replication) -> str:
     come from elsewhere. Each replication history is then a life of its own (a primary
     never a replica, the usual case, keeps the plain ``run_id``)."""
     run_id = str(server["run_id"])
-    if replication.get("role") == "master" and _is_zero_id(replication.get("master_replid2")):
+    if not _replicated(replication):
         return run_id
     return f"{run_id}/{replication.get('master_replid')}"
+
+
+def _replicated(replication) -> bool:
+    """Whether the server is a replica or was one in this process (a primary that was promoted
+    keeps its former primary's replication id as ``master_replid2``)."""
+    return not (replication.get("role") == "master" and _is_zero_id(replication.get("master_replid2")))
 
 
 def _is_zero_id(value) -> bool:
@@ -119,17 +171,25 @@ def check_unchanged(client, before: dict[str, RedisIncarnation], partition: str 
     for address, node in node_clients(client, partition).items():
         if address not in before:
             continue
-        now = read_incarnation(node, address)
-        if now.run_id != before[address].run_id:
-            raise RedisRestartedDuringRun(
-                f"Redis at {address} restarted, or took its data by replication, while the day was read (run_id "
-                f"{before[address].run_id} -> {now.run_id}); nothing of this run is committed, and the retry reads"
-                " the new server"
-            )
-        if before[address].started_empty and not now.started_empty:
-            raise RedisTookKeysIn(
-                f"Redis at {address} started empty, and received keys from elsewhere (MIGRATE or RESTORE, a "
-                "cluster reshard?) while the day was read; nothing of this run is committed, and the retry "
-                "no longer takes its values for counts begun from zero",
-                now.run_id,
-            )
+        change = life_change(address, before[address], read_incarnation(node, address))
+        if change is not None:
+            raise change
+
+
+def life_change(address: str, before: RedisIncarnation, now: RedisIncarnation) -> RedisRestartedDuringRun | None:
+    """Why the values a run read from the server at ``address`` between ``before`` and ``now``
+    may mix two lives (see :func:`check_unchanged`), or ``None``. No I/O."""
+    if now.run_id != before.run_id:
+        return RedisRestartedDuringRun(
+            f"Redis at {address} restarted, or took its data by replication, while the day was read (run_id "
+            f"{before.run_id} -> {now.run_id}); nothing of this run is committed, and the retry reads"
+            " the new server"
+        )
+    if before.started_empty and not now.started_empty:
+        return RedisTookKeysIn(
+            f"Redis at {address} started empty, and received keys from elsewhere (MIGRATE or RESTORE, a "
+            "cluster reshard?) while the day was read; nothing of this run is committed, and the retry "
+            "no longer takes its values for counts begun from zero",
+            now.run_id,
+        )
+    return None
