@@ -39,8 +39,11 @@ resets = st.one_of(
 
 # A history is a run of blocks, each a few increments, maybe a rare event (a reset, a
 # snapshot, an allow_decrease run) and a plain run, so that most resets are read.
+# Snapshots (BGSAVE) come among the increments, as a periodic ``save`` would take them,
+# so that most restores have a snapshot to load.
+counting = st.one_of(increments, increments, st.tuples(gaps, st.just("save"), st.none()))
 blocks = st.tuples(
-    st.lists(increments, max_size=3), st.lists(resets, max_size=2), st.lists(increments, max_size=2), plain_runs
+    st.lists(counting, max_size=3), st.lists(resets, max_size=2), st.lists(counting, max_size=2), plain_runs
 )
 
 
