@@ -92,6 +92,15 @@ def _takes_new_life(row: Row, read: Read) -> bool:
     return row.offset != 0 and row.life != read.life
 
 
+def _must_take_life(row: Row, read: Read) -> bool:
+    """Whether the row must be written to take the life read now, even where its quantity and
+    offset stay: a row holding an offset read from another life (:func:`_takes_new_life`), and any
+    row that ``allow_decrease`` set from another life. The latter holds that life's value now; left
+    on the old life, a plain run after it would take the old life for one Redis started empty
+    after, and add the value again (found by the history test: 1 stored as 2)."""
+    return _takes_new_life(row, read) or (read.allow_decrease and row.life != read.life)
+
+
 #: The rules, in the order they apply (the first that applies decides).
 RULES: tuple[Rule, ...] = (
     Rule(
@@ -184,7 +193,7 @@ def next_state(row: Row | None, read: Read) -> Step:
     quantity, offset = rule.outcome(row, read)
     if row is None:
         return Step(Row(quantity, offset, read.life), rule.name, None, False, False, False)
-    unchanged = (quantity, offset) == (row.quantity, row.offset) and not _takes_new_life(row, read)
+    unchanged = (quantity, offset) == (row.quantity, row.offset) and not _must_take_life(row, read)
     refused = not unchanged and quantity > BIGINT_MAX
     decrease_refused = rule.reset is not None and read.value < row.last_read
     written = not (unchanged or refused)

@@ -83,6 +83,14 @@ def changed_life(offset: str, source: str) -> str:
     return f"({offset} <> 0 AND {source} IS DISTINCT FROM %(source)s::integer)"
 
 
+def must_take_life(offset: str, source: str) -> str:
+    """SQL: a row that must be written to take the life read now even where its quantity and
+    offset stay: :func:`changed_life`, or an ``allow_decrease`` read from another life. The latter
+    row holds that life's value now; left on the old life, a plain run after it would take the old
+    life for one Redis started empty after and add the value again (``counter_model``)."""
+    return f"({changed_life(offset, source)} OR (%(allow)s AND {source} IS DISTINCT FROM %(source)s::integer))"
+
+
 def _on_conflict(shape: RowShape) -> str:
     """A writer without the day's lock (or a key staged in two chunks) meets a row that is
     already there: the same rules, applied to that row as it stands."""
@@ -96,7 +104,7 @@ def _on_conflict(shape: RowShape) -> str:
            updated_at = now()
      WHERE {offset}::numeric + {redis} <= {BIGINT_MAX}
        AND ({offset} + {redis} <> t.quantity OR {offset} <> t.redis_offset
-            OR {changed_life("t.redis_offset", "t.redis_incarnation")})"""
+            OR {must_take_life("t.redis_offset", "t.redis_incarnation")})"""
 
 
 def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = False) -> str:
@@ -143,7 +151,7 @@ def compare_merge(target: str, stage: str, shape: RowShape, *, day_scan: bool = 
     planned AS MATERIALIZED (
         SELECT *, next_offset::numeric + redis AS next_quantity,
                stored IS NOT NULL AND next_offset::numeric + redis = stored AND next_offset = stored_offset
-                   AND NOT {changed_life("stored_offset", "stored_source")} AS unchanged
+                   AND NOT {must_take_life("stored_offset", "stored_source")} AS unchanged
         FROM (SELECT c.*,
                      CASE WHEN stored IS NULL OR %(allow)s THEN NULL
                           WHEN stored_source = ANY(%(fresh)s::integer[]) THEN 'restart'

@@ -104,6 +104,29 @@ def test_a_counter_back_at_its_last_read_value_after_a_restart_is_all_new(server
 
 
 @pytest.mark.usefixtures("merge_by")
+def test_a_plain_run_after_an_allow_decrease_run_at_the_same_value_after_a_restart_adds_nothing(
+    servers, pg_conn, table, query
+):
+    """Found by the history test (tests/unit/test_counter_histories.py), here on a real server:
+    100 read; Redis restarts empty; 100 counted since. ``allow_decrease`` makes Redis the truth,
+    and 100 is the row's own total: the row must still take the new life, or the plain run
+    after it took the old life for one Redis started empty after and stored 200."""
+    server = servers()
+    client = server.client()
+    count(client, "acme", "queries", 100)
+    aggregate_day(client, pg_conn, DAY, table=table)
+    time.sleep(UPTIME_RESOLUTION)
+    server.restart()
+    count(client, "acme", "queries", 100)
+    truth = aggregate_day(client, pg_conn, DAY, table=table, allow_decrease=True)
+    assert (truth.resets, truth.rows_written) == (0, 1)  # the same total, now read from this life
+    assert totals(query, table) == {("acme", "queries"): (100, 0)}
+    after = aggregate_day(client, pg_conn, DAY, table=table)
+    assert (after.resets, after.rows_written, after.rows_unchanged) == (0, 0, 1)
+    assert totals(query, table) == {("acme", "queries"): (100, 0)}
+
+
+@pytest.mark.usefixtures("merge_by")
 def test_a_snapshot_restore_never_counts_restored_values_twice(servers, pg_conn, table, query):
     server = servers("--dbfilename", "dump.rdb")
     client = server.client()
