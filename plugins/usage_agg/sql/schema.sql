@@ -1,5 +1,5 @@
 -- usage-agg schema. Idempotent: applied under an advisory lock whenever the usage table's
--- comment does not name the current schema version (see sink.SCHEMA_VERSION), so every
+-- comment does not name the current schema version (see schema.SCHEMA_VERSION), so every
 -- later change is written here as an idempotent statement (ADD COLUMN IF NOT EXISTS, ...).
 -- {usage_table}, {errors_table}, {runs_table}, {incarnations_table} and the index names are
 -- validated, quoted identifiers.
