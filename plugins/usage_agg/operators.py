@@ -209,7 +209,7 @@ class RedisUsageToPostgresOperator(BaseOperator):
         pg_conn = PostgresHook(postgres_conn_id=self.postgres_conn_id).get_conn()
         try:
             runs_table = resolve_names(pg_conn, self.table).runs.quoted
-            audit_row = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)}
+            audit_row = _audit_row(ti)
             mark_not_announced(pg_conn, runs_table, audit_row, [usage_date])
         finally:
             pg_conn.close()
@@ -227,27 +227,12 @@ class RedisUsageToPostgresOperator(BaseOperator):
         pg_conn = pg_hook.get_conn()
         if lineage:
             self._lineage_endpoints = _endpoints(redis_hook, pg_hook, day, self.table)
-        ti = context["ti"]
         try:
-            result = aggregate_day(
-                redis_client,
-                pg_conn,
-                day,
-                options,
-                audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
-                logger=self.log,
-            )
+            return aggregate_and_report(redis_client, pg_conn, day, options, context, self.log)
         except ValueError as err:
             raise AirflowFailException(str(err)) from None
         finally:
             pg_conn.close()
-
-        metrics.emit_aggregation(result, dag_id=ti.dag_id)
-        if result.resets:  # committed and right, but Redis lost data: someone should know
-            from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
-
-            UsageAlertNotifier().send(describe_data_loss(context, result), context)
-        return result
 
     def get_openlineage_facets_on_complete(self, task_instance):
         """Lineage for the OpenLineage provider: the Redis day read, the table written.
@@ -369,18 +354,12 @@ class UsageExpiryCheckOperator(BaseOperator):
             """Aggregate a day whose expiring counters are not stored, under its lock, as a run would."""
             self.log.warning("Counters of %s expire within a day and are not stored: aggregating %s now", day, day)
             try:
-                result = aggregate_day(
-                    redis_client, pg_conn, day, table=self.table, logger=self.log,
-                    audit={"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)},
-                )  # fmt: skip
+                result = aggregate_and_report(
+                    redis_client, pg_conn, day, AggregationOptions(table=self.table), context, self.log
+                )
             except Exception as err:
                 self.log.error("Could not aggregate %s to save its expiring usage: %s", day, err)
                 raise
-            metrics.emit_aggregation(result, dag_id=ti.dag_id)
-            if result.resets:
-                from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
-
-                UsageAlertNotifier().send(describe_data_loss(context, result), context)
             rescues.append(result)
 
         late: list = []
@@ -390,7 +369,7 @@ class UsageExpiryCheckOperator(BaseOperator):
             if rescues and (report.at_risk or any(r.new_bad_keys for r in rescues)):
                 # this task fails below, so Airflow announces none of the days it saved: the
                 # audit says so, and the date's next run (or the next check) announces them
-                audit_row = {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)}
+                audit_row = _audit_row(ti)
                 mark_not_announced(pg_conn, names.runs.quoted, audit_row, [r.usage_date for r in rescues])
             elif not report.at_risk and schema_is_current(pg_conn, names):
                 # writes of any date that no event announced (their task failed after its commit)
@@ -435,6 +414,29 @@ class UsageExpiryCheckOperator(BaseOperator):
         if not record_rescue_events(self.outlets, context.get("outlet_events"), rescues, late_dates):
             self.outlets = []
         return {**report.to_dict(), "rescues": [r.to_dict() for r in rescues]}
+
+
+def aggregate_and_report(
+    redis_client: Any, pg_conn: Any, day: dt.date, options: AggregationOptions, context: Context, logger: Any
+) -> AggregationResult:
+    """Aggregate ``day`` as a task of ``context`` (its audit row names the task), emit the run's
+    metrics and, when Redis lost counters, alert: committed and right, but someone should know.
+    The one sequence of the aggregation task and of the expiry check's rescues."""
+    ti = context["ti"]
+    result = aggregate_day(
+        redis_client,
+        pg_conn,
+        day,
+        options,
+        audit=_audit_row(ti),
+        logger=logger,
+    )
+    metrics.emit_aggregation(result, dag_id=ti.dag_id)
+    if result.resets:
+        from usage_agg.alerts import UsageAlertNotifier, describe_data_loss
+
+        UsageAlertNotifier().send(describe_data_loss(context, result), context)
+    return result
 
 
 def resolve_usage_date(usage_date: str | dt.date | None, context: Context, day_offset: int = 0) -> dt.date:
@@ -544,6 +546,11 @@ def as_bool(value: bool | str, *, field: str) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ValueError(f"{field}: expected true or false, got {value!r}")
+
+
+def _audit_row(ti) -> dict[str, str]:
+    """The task instance as the audit table names it: ``dag_id``, ``run_id``, ``task_id`` (with its map index)."""
+    return {"dag_id": ti.dag_id, "run_id": ti.run_id, "task_id": _task_label(ti)}
 
 
 def _task_label(ti) -> str:
