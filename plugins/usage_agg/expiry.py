@@ -43,7 +43,7 @@ from usage_agg.keys import (
 from usage_agg.reconcile import EXPIRY_WARNING
 from usage_agg.samples import SAMPLE_LIMIT
 from usage_agg.schema import SchemaNames, missing_objects, resolve_names
-from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW, count_or_none
+from usage_agg.source import DEFAULT_SCAN_COUNT, RAW_VALUE_PREVIEW, count_or_none, read_values
 
 TTL_SAMPLE_BATCH = 1_000
 DAILY_PREFIX = KEY_PREFIX.encode()
@@ -219,94 +219,114 @@ def _scan_days(
     redis_client, stored: _StoredValues, days: dict[dt.date, DayInRedis], *, patterns: list[str], scan_count: int,
     only_day: dt.date | None = None,
 ) -> None:  # fmt: skip
-    """One SCAN pass per pattern: tally keys and TTLs per day, repair indexes, compare expiring keys.
+    """One SCAN pass per pattern: tally keys and TTLs per day, repair indexes, compare expiring keys
+    (:class:`_ScanPass`)."""
+    scan = _ScanPass(redis_client, stored, days)
+    for pattern in patterns:
+        for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
+            scan.add(as_bytes(raw_key), only_day)
+    scan.flush()
+
+
+class _ScanPass:
+    """The keys one SCAN pass finds, filed under their day and probed a batch at a time.
 
     Daily counters and hourly hashes both count: a hash is safe to lose only once each of
     its hours is stored (or dead-lettered), whatever became of its daily counter. A hash
     whose daily counter does not exist (a writer that sent ``HINCRBY`` without ``INCRBY``)
     is added to its indexed day's index, so an aggregation that reads the index finds it.
     """
-    pending: list[tuple[bytes, dt.date]] = []
 
-    def flush() -> None:
-        daily = [(key, day) for key, day in pending if key.startswith(DAILY_PREFIX)]
-        hourly = [(key, day) for key, day in pending if not key.startswith(DAILY_PREFIX)]
-        pipe = redis_client.pipeline(transaction=False)
-        for key, day in daily:
+    def __init__(self, redis_client, stored: _StoredValues, days: dict[dt.date, DayInRedis]) -> None:
+        self.redis, self.stored, self.days = redis_client, stored, days
+        self.counters: list[tuple[bytes, dt.date]] = []
+        self.hashes: list[tuple[bytes, dt.date]] = []
+
+    def add(self, raw_key: bytes, only_day: dt.date | None) -> None:
+        """File ``raw_key`` under its day (a bad key under the day it names, if any); skip what is
+        not a usage key, or not of ``only_day``."""
+        is_hash = raw_key.startswith(HOURLY_KEY_PREFIX)
+        if not is_hash and not raw_key.startswith(DAILY_PREFIX):
+            return  # another application's key that begins with "usage"
+        named = daily_key_of_hours(raw_key) if is_hash else raw_key
+        try:
+            day: dt.date | None = parse_key(named).usage_date
+        except BadKeyError:
+            day = _day_of_bad_key(named)  # None: no day to file it under; its day's aggregation reports it
+        if day is None or (only_day is not None and day != only_day):
+            return
+        if day not in self.days:
+            indexed = self.redis.type(index_key(day)) in (b"set", "set")
+            self.days[day] = DayInRedis(day.isoformat(), 0, None, indexed=indexed)
+        self.days[day].keys += 1
+        (self.hashes if is_hash else self.counters).append((raw_key, day))
+        if len(self.counters) + len(self.hashes) >= TTL_SAMPLE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Probe the keys filed since the last flush: one pipeline of TTLs and index or counter
+        lookups, then the index repairs and the expiring keys' comparison with PostgreSQL."""
+        if not self.counters and not self.hashes:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, day in self.counters:
             pipe.ttl(key)
             pipe.sismember(index_key(day), key)
-        for key, _ in hourly:
+        for key, _ in self.hashes:
             pipe.ttl(key)
             pipe.get(daily_key_of_hours(key))
         replies = pipe.execute(raise_on_error=False)
-        repair = redis_client.pipeline(transaction=False)
-        expiring: list[tuple[bytes, dt.date, int]] = []
-        expiring_hours: list[tuple[bytes, dt.date, int]] = []
-        for (key, day), ttl, second in zip(daily + hourly, replies[0::2], replies[1::2]):
-            entry = days[day]
-            is_hash = not key.startswith(DAILY_PREFIX)
-            if isinstance(ttl, int) and ttl >= 0:  # -1: no expiry, -2: gone
-                entry.min_ttl_seconds = ttl if entry.min_ttl_seconds is None else min(entry.min_ttl_seconds, ttl)
-                if ttl < EXPIRY_WARNING.total_seconds():
-                    entry.expiring_keys += 1
-                    (expiring_hours if is_hash else expiring).append((key, day, ttl))
-            if is_hash:
-                # its day's counter is missing or bad, so no run reads the hash through it: index the hash itself
-                if entry.indexed and count_or_none(second) is None:
-                    entry.hours_without_day += 1
-                    repair.sadd(index_key(day), key)
-            elif entry.indexed and not second:
-                entry.unindexed_keys += 1
+        split = 2 * len(self.counters)
+        repair = self.redis.pipeline(transaction=False)
+        expiring = self._tally(self.counters, replies[0:split:2])
+        expiring_hours = self._tally(self.hashes, replies[split::2])
+        for (key, day), in_index in zip(self.counters, replies[1:split:2]):
+            if self.days[day].indexed and not in_index:
+                self.days[day].unindexed_keys += 1
+                repair.sadd(index_key(day), key)
+        for (key, day), daily in zip(self.hashes, replies[split + 1 :: 2]):
+            # its day's counter is missing or bad, so no run reads the hash through it: index the hash itself
+            if self.days[day].indexed and count_or_none(daily) is None:
+                self.days[day].hours_without_day += 1
                 repair.sadd(index_key(day), key)
         if len(repair):
             repair.execute(raise_on_error=False)
-        if expiring:
-            keys = [key for key, _, _ in expiring]
-            values = (
-                redis_client.mget_nonatomic(keys)
-                if hasattr(redis_client, "mget_nonatomic")
-                else redis_client.mget(keys)
-            )
-            # nil: gone since (nothing left to lose), or another Redis type (a bad key)
-            present = [i for i, value in enumerate(values) if value is not None or redis_client.exists(keys[i])]
-            unsaved = stored.unsaved([keys[i] for i in present], [values[i] for i in present])
-            _note_unsaved(days, [expiring[present[i]] for i in unsaved])
-        if expiring_hours:
-            pipe = redis_client.pipeline(transaction=False)
-            for key, _, _ in expiring_hours:
-                pipe.hgetall(key)
-            hashes = pipe.execute(raise_on_error=False)
-            _note_unsaved(days, [expiring_hours[i] for i in stored.unsaved_hours(expiring_hours, hashes)])
-        pending.clear()
+        self._check_expiring_counters(expiring)
+        self._check_expiring_hashes(expiring_hours)
+        self.counters.clear()
+        self.hashes.clear()
 
-    day: dt.date | None  # None: a bad key that names no day
-    for pattern in patterns:
-        for raw_key in redis_client.scan_iter(match=pattern, count=scan_count):
-            raw_key = as_bytes(raw_key)
-            if raw_key.startswith(DAILY_PREFIX):
-                named = raw_key
-            elif raw_key.startswith(HOURLY_KEY_PREFIX):
-                named = daily_key_of_hours(raw_key)
-            else:
-                continue  # another application's key that begins with "usage"
-            try:
-                day = parse_key(named).usage_date
-            except BadKeyError:
-                day = _day_of_bad_key(named)
-                if day is None:
-                    continue  # no day to file it under; the aggregation of its day, if any, reports it
-            if only_day is not None and day != only_day:
+    def _tally(self, keys: list[tuple[bytes, dt.date]], ttls: list) -> list[tuple[bytes, dt.date, int]]:
+        """Note each key's TTL on its day; return the keys with less than a day to live."""
+        expiring = []
+        for (key, day), ttl in zip(keys, ttls):
+            if not isinstance(ttl, int) or ttl < 0:  # -1: no expiry, -2: gone
                 continue
-            if day not in days:
-                days[day] = DayInRedis(
-                    day.isoformat(), 0, None, indexed=redis_client.type(index_key(day)) in (b"set", "set")
-                )
-            days[day].keys += 1
-            pending.append((raw_key, day))
-            if len(pending) >= TTL_SAMPLE_BATCH:
-                flush()
-    if pending:
-        flush()
+            entry = self.days[day]
+            entry.min_ttl_seconds = ttl if entry.min_ttl_seconds is None else min(entry.min_ttl_seconds, ttl)
+            if ttl < EXPIRY_WARNING.total_seconds():
+                entry.expiring_keys += 1
+                expiring.append((key, day, ttl))
+        return expiring
+
+    def _check_expiring_counters(self, expiring: list[tuple[bytes, dt.date, int]]) -> None:
+        if not expiring:
+            return
+        keys = [key for key, _, _ in expiring]
+        values = read_values(self.redis, keys)
+        # nil: gone since (nothing left to lose), or another Redis type (a bad key)
+        present = [i for i, value in enumerate(values) if value is not None or self.redis.exists(keys[i])]
+        unsaved = self.stored.unsaved([keys[i] for i in present], [values[i] for i in present])
+        _note_unsaved(self.days, [expiring[present[i]] for i in unsaved])
+
+    def _check_expiring_hashes(self, expiring: list[tuple[bytes, dt.date, int]]) -> None:
+        if not expiring:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for key, _, _ in expiring:
+            pipe.hgetall(key)
+        hashes = pipe.execute(raise_on_error=False)
+        _note_unsaved(self.days, [expiring[i] for i in self.stored.unsaved_hours(expiring, hashes)])
 
 
 def _note_unsaved(days: dict[dt.date, DayInRedis], unsaved: list[tuple[bytes, dt.date, int]]) -> None:

@@ -333,7 +333,7 @@ def _read_hashes(
     if not candidates:
         return batch
     # nil: no daily counter, or one of another Redis type (a bad key its own read reports)
-    dailies = _read_values(client, [daily_key_of_hours(raw_key) for raw_key, _, _ in candidates])
+    dailies = read_values(client, [daily_key_of_hours(raw_key) for raw_key, _, _ in candidates])
     chosen = [(c, daily) for c, daily in zip(candidates, dailies) if with_their_day or count_or_none(daily) is None]
     if not chosen:
         return batch
@@ -398,7 +398,7 @@ def _read_batch_in_bulk(client, raw_keys: list[bytes], usage_date: dt.date, merc
     raw_keys = list(dict.fromkeys(raw_keys))  # SCAN may return a key twice
     pairs = split_keys_of_day(raw_keys, usage_date.isoformat())
     if pairs is not None:
-        values = _read_values(client, raw_keys)
+        values = read_values(client, raw_keys)
         if are_plain_quantities(values):
             return Batch(plain_rows=[(merchant, metric, value) for (merchant, metric), value in zip(pairs, values)])
     return _read_batch(client, raw_keys, usage_date, merchant_id)
@@ -426,7 +426,7 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
     if not to_read:
         return batch
 
-    values = _read_values(client, [raw_key for raw_key, _, _ in to_read])
+    values = read_values(client, [raw_key for raw_key, _, _ in to_read])
 
     not_strings: list[bytes] = []
     for (raw_key, parsed, parse_error), value in zip(to_read, values):
@@ -446,8 +446,9 @@ def _read_batch(client, raw_keys: list[bytes], usage_date: dt.date, merchant_id:
     return batch
 
 
-def _read_values(client, raw_keys: list[bytes]) -> list:
-    """All values of a batch in one command: ``MGET`` (per slot on a cluster)."""
+def read_values(client, raw_keys: list[bytes]) -> list:
+    """All values of a batch in one command: ``MGET`` (per slot on a cluster); the reader's and the
+    expiry check's one way to it."""
     if hasattr(client, "mget_nonatomic"):  # RedisCluster: MGET must not cross slots
         return client.mget_nonatomic(raw_keys)
     return client.mget(raw_keys)

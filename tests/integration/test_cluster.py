@@ -348,7 +348,7 @@ def test_a_part_whose_slots_moved_while_it_read_commits_nothing(
     aggregate_day(client, pg_conn, DAY, table=table, discovery=discovery)
     track_usage(client, merchant, "q", 1, usage_date=DAY)
     part = {"discovery": discovery, "partition_count": 3}
-    read_values, reads = source_module._read_values, []
+    read_values, reads = source_module.read_values, []
 
     def read_then_reshard(redis_client, raw_keys):
         values = read_values(redis_client, raw_keys)
@@ -366,7 +366,7 @@ def test_a_part_whose_slots_moved_while_it_read_commits_nothing(
                 other_conn.close()
         return values
 
-    monkeypatch.setattr(source_module, "_read_values", read_then_reshard)
+    monkeypatch.setattr(source_module, "read_values", read_then_reshard)
     with pytest.raises(RedisReshardedDuringRun, match=f"primary 127.0.0.1:{port_b} moved while its part was read"):
         aggregate_day(client, pg_conn, DAY, table=table, partition=f"127.0.0.1:{port_b}", **part)
     assert query(f"SELECT quantity, redis_offset FROM {table}") == [(13, 0)]
