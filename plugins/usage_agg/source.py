@@ -169,52 +169,80 @@ def read_day(
                 partition=name, bulk=bulk, hourly=hourly,
             )  # fmt: skip
         return
-    node = partition_node(client, partition)
-    # The keys of the slots this primary says it serves: the index lives in one slot and
-    # names every primary's keys, and a primary may still hold keys of a slot it no longer
-    # serves (CLUSTER DELSLOTS, an aborted migration), whose values live elsewhere.
-    served = None if node is None else served_slots(layout or part_layout(client, partition) or "")
-    source = node.name if node is not None else node_address(client)
-    read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
-    # On a single node a key's hash is read with the key (one round trip per batch); on a
-    # cluster it lives in another slot, often on another primary, so it is read by the part
-    # that serves it and takes that server's life, as the daily rows take their primary's.
-    hours_apart = hourly and served is not None
-    derive_hours = hours_apart and method == "index"  # the index names counters, not their hashes
+    part = _PartRead(client, usage_date, merchant_id, partition, layout, bulk=bulk, hourly=hourly, method=method)
+    yield from part.batches(scan_count, batch_size)
 
-    def served_here(raw_key: bytes) -> bool:
-        return served is None or key_slot(raw_key) in served
 
-    def counters(raw_keys: list[bytes]) -> Batch:
-        return _finish(
-            client, source, read(client, raw_keys, usage_date, merchant_id), usage_date, hourly and not hours_apart
+class _PartRead:
+    """One part's read of a day (a single node, or one primary of a cluster): which keys it keeps,
+    and how a batch of counters or of hourly hashes is read."""
+
+    def __init__(
+        self, client, usage_date: dt.date, merchant_id: str | None, partition: str | None, layout: str | None, *,
+        bulk: bool, hourly: bool, method: str,
+    ) -> None:  # fmt: skip
+        self.client, self.usage_date, self.merchant_id, self.hourly, self.method = (
+            client, usage_date, merchant_id, hourly, method,
+        )  # fmt: skip
+        self.node = partition_node(client, partition)
+        # The keys of the slots this primary says it serves: the index lives in one slot and
+        # names every primary's keys, and a primary may still hold keys of a slot it no longer
+        # serves (CLUSTER DELSLOTS, an aborted migration), whose values live elsewhere.
+        self.served = None if self.node is None else served_slots(layout or part_layout(client, partition) or "")
+        self.source = self.node.name if self.node is not None else node_address(client)
+        self.read = _read_batch_in_bulk if bulk and merchant_id is None else _read_batch
+        # On a single node a key's hash is read with the key (one round trip per batch); on a
+        # cluster it lives in another slot, often on another primary, so it is read by the part
+        # that serves it and takes that server's life, as the daily rows take their primary's.
+        self.hours_apart = hourly and self.served is not None
+        self.derive_hours = self.hours_apart and method == "index"  # the index names counters, not their hashes
+        self.day_marker = f":{usage_date.isoformat()}:".encode()
+
+    def batches(self, scan_count: int, batch_size: int) -> Iterator[Batch]:
+        """The part's keys, batch by batch: counters (with their hours on a single node) and hashes."""
+        pending: list[bytes] = []
+        pending_hours: list[bytes] = []
+        for pattern in _patterns(self.usage_date, self.merchant_id, self.hourly):
+            for raw_key in _discovered(self.client, self.usage_date, pattern, self.method, scan_count, self.node):
+                counter, hours = self.route(raw_key)
+                if hours is not None:
+                    pending_hours.append(hours)
+                if counter is not None:
+                    pending.append(counter)
+                if len(pending) >= batch_size:
+                    yield self.counters(pending)
+                    pending = []
+                if len(pending_hours) >= batch_size:
+                    yield self.hashes(pending_hours)
+                    pending_hours = []
+        if pending:
+            yield self.counters(pending)
+        if pending_hours:
+            yield self.hashes(pending_hours)
+
+    def route(self, raw_key: bytes) -> tuple[bytes | None, bytes | None]:
+        """The counter and the hourly hash this part reads for a key it found (either may be none)."""
+        if _of_day(raw_key, DAILY_KEY_PREFIX, self.day_marker):
+            hours_key = HOURLY_KEY_PREFIX + raw_key[len(DAILY_KEY_PREFIX) :] if self.derive_hours else None
+            return (
+                raw_key if self.served_here(raw_key) else None,
+                hours_key if hours_key is not None and self.served_here(hours_key) else None,
+            )
+        if self.hourly and _of_day(raw_key, HOURLY_KEY_PREFIX, self.day_marker) and self.served_here(raw_key):
+            return None, raw_key
+        return None, None
+
+    def served_here(self, raw_key: bytes) -> bool:
+        return self.served is None or key_slot(raw_key) in self.served
+
+    def counters(self, raw_keys: list[bytes]) -> Batch:
+        batch = self.read(self.client, raw_keys, self.usage_date, self.merchant_id)
+        return _finish(self.client, self.source, batch, self.usage_date, self.hourly and not self.hours_apart)
+
+    def hashes(self, raw_keys: list[bytes]) -> Batch:
+        return _read_hashes(
+            self.client, self.source, raw_keys, self.usage_date, self.merchant_id, with_their_day=self.hours_apart
         )
-
-    def hashes(raw_keys: list[bytes]) -> Batch:
-        return _read_hashes(client, source, raw_keys, usage_date, merchant_id, with_their_day=hours_apart)
-
-    day_marker = f":{usage_date.isoformat()}:".encode()
-    pending: list[bytes] = []
-    pending_hours: list[bytes] = []
-    for pattern in _patterns(usage_date, merchant_id, hourly):
-        for raw_key in _discovered(client, usage_date, pattern, method, scan_count, node):
-            if _of_day(raw_key, DAILY_KEY_PREFIX, day_marker):
-                if derive_hours and served_here(hours_key := HOURLY_KEY_PREFIX + raw_key[len(DAILY_KEY_PREFIX) :]):
-                    pending_hours.append(hours_key)
-                if served_here(raw_key):
-                    pending.append(raw_key)
-            elif hourly and _of_day(raw_key, HOURLY_KEY_PREFIX, day_marker) and served_here(raw_key):
-                pending_hours.append(raw_key)
-            if len(pending) >= batch_size:
-                yield counters(pending)
-                pending = []
-            if len(pending_hours) >= batch_size:
-                yield hashes(pending_hours)
-                pending_hours = []
-    if pending:
-        yield counters(pending)
-    if pending_hours:
-        yield hashes(pending_hours)
 
 
 def _of_day(raw_key: bytes, prefix: bytes, day_marker: bytes) -> bool:
