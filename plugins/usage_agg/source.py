@@ -346,6 +346,27 @@ def _read_hashes(
         single node stores the same hours as a cluster.
     """
     batch = Batch(source=source)
+    candidates = _hashes_of_the_read(raw_keys, usage_date, merchant_id)
+    if not candidates:
+        return batch
+    # nil: no daily counter, or one of another Redis type (a bad key its own read reports)
+    dailies = read_values(client, [daily_key_of_hours(raw_key) for raw_key, _, _ in candidates])
+    chosen = [(c, daily) for c, daily in zip(candidates, dailies) if with_their_day or count_or_none(daily) is None]
+    if not chosen:
+        return batch
+    pipe = client.pipeline(transaction=False)
+    for (raw_key, _, _), _ in chosen:
+        pipe.hgetall(raw_key)
+    for (candidate, daily), reply in zip(chosen, pipe.execute(raise_on_error=False)):
+        _add_hash(batch, candidate, daily, reply)
+    return batch
+
+
+def _hashes_of_the_read(
+    raw_keys: list[bytes], usage_date: dt.date, merchant_id: str | None
+) -> list[tuple[bytes, UsageKey | None, str | None]]:
+    """The hashes of ``usage_date`` (and ``merchant_id``) among ``raw_keys``, once each: with the
+    key their name parses to, or ``None`` and why it does not parse."""
     day_text = usage_date.isoformat()
     candidates: list[tuple[bytes, UsageKey | None, str | None]] = []
     for raw_key in dict.fromkeys(raw_keys):  # SCAN may return a key twice
@@ -358,32 +379,27 @@ def _read_hashes(
             continue
         if belongs_to(parsed, usage_date, merchant_id):
             candidates.append((raw_key, parsed, None))
-    if not candidates:
-        return batch
-    # nil: no daily counter, or one of another Redis type (a bad key its own read reports)
-    dailies = read_values(client, [daily_key_of_hours(raw_key) for raw_key, _, _ in candidates])
-    chosen = [(c, daily) for c, daily in zip(candidates, dailies) if with_their_day or count_or_none(daily) is None]
-    if not chosen:
-        return batch
-    pipe = client.pipeline(transaction=False)
-    for (raw_key, _, _), _ in chosen:
-        pipe.hgetall(raw_key)
-    for ((raw_key, named, problem), daily), reply in zip(chosen, pipe.execute(raise_on_error=False)):
-        if isinstance(reply, Exception):  # WRONGTYPE: not a hash
-            batch.bad_hours.append(BadKey(raw_key, f"hourly key is not a hash of hourly counts: {reply}"))
-        elif not reply:  # gone since it was found, or a daily-only writer's (derived from the index)
-            continue
-        elif problem is not None or named is None:
-            batch.bad_hours.append(BadKey(raw_key, problem or "hourly key does not parse"))
-        else:
-            merchant, metric = named.merchant_id.encode(), named.metric_type.encode()
-            total = _add_hours(batch, raw_key, merchant, metric, reply)
-            count = count_or_none(daily)
-            if daily is None:
-                _note_mismatch(batch, merchant, metric, None, total, NO_DAILY_COUNTER)
-            elif count is not None and count != total:  # a bad counter is reported as a bad key
-                _note_mismatch(batch, merchant, metric, count, total, DAILY_DIFFERS)
-    return batch
+    return candidates
+
+
+def _add_hash(batch: Batch, candidate: tuple[bytes, UsageKey | None, str | None], daily, reply) -> None:
+    """One hash read on its own, with its daily counter's value (``daily``): its hours, its bad
+    fields, and a mismatch when its counter is missing or differs."""
+    raw_key, named, problem = candidate
+    if isinstance(reply, Exception):  # WRONGTYPE: not a hash
+        batch.bad_hours.append(BadKey(raw_key, f"hourly key is not a hash of hourly counts: {reply}"))
+    elif not reply:  # gone since it was found, or a daily-only writer's (derived from the index)
+        return
+    elif problem is not None or named is None:
+        batch.bad_hours.append(BadKey(raw_key, problem or "hourly key does not parse"))
+    else:
+        merchant, metric = named.merchant_id.encode(), named.metric_type.encode()
+        total = _add_hours(batch, raw_key, merchant, metric, reply)
+        count = count_or_none(daily)
+        if daily is None:
+            _note_mismatch(batch, merchant, metric, None, total, NO_DAILY_COUNTER)
+        elif count is not None and count != total:  # a bad counter is reported as a bad key
+            _note_mismatch(batch, merchant, metric, count, total, DAILY_DIFFERS)
 
 
 def _add_hours(batch: Batch, raw_key: bytes, merchant: bytes, metric: bytes, reply: dict) -> int:
