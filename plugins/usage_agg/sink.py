@@ -55,15 +55,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from usage_agg import audit, dead_letters
-from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, is_unique_violation, note_server_said
+from usage_agg.db_errors import is_row_error, is_unique_violation, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
+from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT, LockWaitNamed, pg_milliseconds
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
 from usage_agg.samples import SAMPLE_LIMIT, add_samples
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
 from usage_agg.servers import RedisIncarnation
 from usage_agg.source import BadKey, Counter
 
-DEFAULT_LOCK_TIMEOUT = dt.timedelta(minutes=10)
 #: PostgreSQL ends a session that sits this long inside the day's transaction (a hung
 #: or killed worker), so its locks never outlive it.
 IDLE_IN_TRANSACTION_TIMEOUT = dt.timedelta(minutes=10)
@@ -100,7 +100,7 @@ def register_incarnations(
     """
     sources = {}
     with conn.cursor() as cur:
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", (_ms(lock_timeout),))
+        cur.execute("SELECT set_config('lock_timeout', %s, true)", (pg_milliseconds(lock_timeout),))
         for address, life in sorted(incarnations.items()):
             cur.execute(
                 f"""INSERT INTO {names.incarnations.quoted} AS i
@@ -524,7 +524,7 @@ class DayWriter:
         cur.execute(
             "SELECT set_config('lock_timeout', %s, true), set_config('idle_in_transaction_session_timeout', %s, true),"
             " set_config('work_mem', %s, true)",
-            (_ms(self.lock_timeout), _ms(IDLE_IN_TRANSACTION_TIMEOUT), MERGE_WORK_MEM),
+            (pg_milliseconds(self.lock_timeout), pg_milliseconds(IDLE_IN_TRANSACTION_TIMEOUT), MERGE_WORK_MEM),
         )
         day_lock = (f"usage_agg {self.names.usage}", self.usage_date.toordinal())
         with self._bounded_wait(
@@ -574,7 +574,7 @@ class DayWriter:
                 self._cur.close()
 
     def _bounded_wait(self, what: str, holder: str):
-        return _LockWaitNamed(self, what, holder)
+        return LockWaitNamed(self.lock_timeout, self.names.usage, self.usage_date, what, holder)
 
     def _row_lock_wait(self):
         """A statement that may wait on a row lock of the table another connection holds."""
@@ -725,28 +725,6 @@ class _Savepoint:
         self.cur.execute(f"RELEASE SAVEPOINT {self.name}")
         self.error = exc
         return True
-
-
-class _LockWaitNamed:
-    """Turn a lock wait that timed out into :class:`LockWaitTimeout` naming the table and date."""
-
-    def __init__(self, writer: DayWriter, what: str, holder: str) -> None:
-        self.writer, self.what, self.holder = writer, what, holder
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and is_lock_timeout(exc):
-            w = self.writer
-            raise LockWaitTimeout(
-                f"lock timeout: waited {w.lock_timeout.total_seconds():g} s for {self.what} {w.names.usage} "
-                f"{w.usage_date.isoformat()}, {self.holder}; Airflow retries the task"
-            ) from exc
-
-
-def _ms(duration: dt.timedelta) -> str:
-    return f"{int(duration.total_seconds() * 1000)}ms"
 
 
 def _first_line(err: BaseException) -> str:
