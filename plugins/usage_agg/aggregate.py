@@ -17,20 +17,14 @@ from typing import Any, Protocol
 from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
 from usage_agg.keys import HOURLY_PREFIX, parse_date
+from usage_agg.lives import Source, note_keys_taken_in, register_incarnations
 from usage_agg.options import AggregationOptions
 from usage_agg.partitions import check_layout_unchanged, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.samples import add_samples
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import RedisTookKeysIn, check_unchanged, read_incarnations
-from usage_agg.sink import (
-    DayWriter,
-    MergeResult,
-    Source,
-    note_keys_taken_in,
-    refuse_autocommit,
-    register_incarnations,
-)
+from usage_agg.sink import DayWriter, MergeResult, refuse_autocommit
 from usage_agg.source import discovery_method, read_day
 
 log = logging.getLogger(__name__)

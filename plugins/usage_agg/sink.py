@@ -57,11 +57,11 @@ from typing import Any
 from usage_agg import audit, dead_letters
 from usage_agg.db_errors import is_row_error, is_unique_violation, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
+from usage_agg.lives import Source
 from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT, LockWaitNamed, pg_milliseconds
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
 from usage_agg.samples import SAMPLE_LIMIT, add_samples
 from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
-from usage_agg.servers import RedisIncarnation
 from usage_agg.source import BadKey, Counter
 
 #: PostgreSQL ends a session that sits this long inside the day's transaction (a hung
@@ -76,62 +76,6 @@ SLICE_PAGES = 128
 
 _STAGE = "pg_temp.usage_agg_stage"
 _HOURLY_STAGE = "pg_temp.usage_agg_hourly_stage"
-
-
-@dataclass(frozen=True)
-class Source:
-    """A Redis server life as the usage schema knows it (see :func:`register_incarnations`)."""
-
-    id: int | None
-    #: incarnations whose rows hold nothing of what this one holds: it started empty after their last read
-    predecessors: tuple[int, ...] = ()
-
-
-def register_incarnations(
-    conn,
-    names: SchemaNames,
-    incarnations: dict[str, RedisIncarnation],
-    lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
-) -> dict[str, Source]:
-    """Note the Redis lives a run reads, in a short transaction of its own, and commit.
-
-    Runs of other dates note the same lives at the same time; a transaction of its own
-    keeps them from waiting on each other's day transactions.
-    """
-    sources = {}
-    with conn.cursor() as cur:
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", (pg_milliseconds(lock_timeout),))
-        for address, life in sorted(incarnations.items()):
-            cur.execute(
-                f"""INSERT INTO {names.incarnations.quoted} AS i
-                        (run_id, address, started_at, started_empty, first_seen, last_seen)
-                    VALUES (%(run_id)s, %(address)s, %(started_at)s, %(started_empty)s, %(seen)s, %(seen)s)
-                    ON CONFLICT (run_id) DO UPDATE
-                       SET last_seen = greatest(i.last_seen, EXCLUDED.last_seen), address = EXCLUDED.address,
-                           started_empty = i.started_empty AND EXCLUDED.started_empty
-                    RETURNING id, started_empty""",
-                {**life.__dict__, "seen": life.seen_at},
-            )
-            # Started empty as every read of this life said: a read that saw keys taken in
-            # (RESTORE) is not undone by the statistics being reset (CONFIG RESETSTAT) since.
-            own_id, started_empty = cur.fetchone()
-            cur.execute(
-                f"""SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM {names.incarnations.quoted}
-                    WHERE %(empty)s AND id <> %(id)s AND last_seen < %(started_at)s""",
-                {"empty": started_empty, "id": own_id, "started_at": life.started_at},
-            )
-            sources[address] = Source(own_id, tuple(cur.fetchone()[0]))
-    conn.commit()
-    return sources
-
-
-def note_keys_taken_in(conn, names: SchemaNames, run_id: str) -> None:
-    """Record, in a transaction of its own, that a Redis life did not start empty after all
-    (a run saw it take keys in, and failed): statistics reset before the retry
-    (``CONFIG RESETSTAT``) cannot then make it look empty again."""
-    with conn.cursor() as cur:
-        cur.execute(f"UPDATE {names.incarnations.quoted} SET started_empty = false WHERE run_id = %s", (run_id,))
-    conn.commit()
 
 
 @dataclass

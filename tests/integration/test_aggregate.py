@@ -556,7 +556,8 @@ def test_a_new_day_is_copied_straight_in_as_the_merge_would_write_it(pg_conn, pg
     session's time zone."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, Source, ensure_schema
+    from usage_agg.lives import Source
+    from usage_agg.sink import DayWriter, ensure_schema
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     with pg_conn.cursor() as cur:
