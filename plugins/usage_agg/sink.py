@@ -61,7 +61,7 @@ from usage_agg.lives import Source
 from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT, LockWaitNamed, pg_milliseconds
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
 from usage_agg.samples import SAMPLE_LIMIT, add_samples
-from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
+from usage_agg.schema import SchemaNames
 from usage_agg.source import BadKey, Counter
 
 #: PostgreSQL ends a session that sits this long inside the day's transaction (a hung
