@@ -51,7 +51,6 @@ import csv
 import datetime as dt
 import io
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from usage_agg import audit, dead_letters
@@ -59,8 +58,9 @@ from usage_agg.db_errors import is_row_error, is_unique_violation, note_server_s
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
 from usage_agg.lives import Source
 from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT, LockWaitNamed, pg_milliseconds
+from usage_agg.merge_result import MergeResult
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
-from usage_agg.samples import SAMPLE_LIMIT, add_samples
+from usage_agg.samples import SAMPLE_LIMIT
 from usage_agg.schema import SchemaNames
 from usage_agg.source import BadKey, Counter
 
@@ -76,34 +76,6 @@ SLICE_PAGES = 128
 
 _STAGE = "pg_temp.usage_agg_stage"
 _HOURLY_STAGE = "pg_temp.usage_agg_hourly_stage"
-
-
-@dataclass
-class MergeResult:
-    rows_written: int = 0
-    rows_unchanged: int = 0
-    #: Redis values lower than the value last read, which did not lower the total
-    decreases_refused: int = 0
-    #: rows whose counter was found reset (restarts, drops and rebases)
-    resets: int = 0
-    reset_samples: list[dict] = field(default_factory=list)
-    #: counters PostgreSQL refused (set aside as bad keys; the rest of the chunk is merged)
-    refused: list[BadKey] = field(default_factory=list)
-    #: the same for the hourly rows of the chunk (their refused rows are in :attr:`refused`)
-    hourly_rows_written: int = 0
-    hourly_rows_unchanged: int = 0
-    hourly_resets: int = 0
-
-    def add(self, other: MergeResult) -> None:
-        self.rows_written += other.rows_written
-        self.rows_unchanged += other.rows_unchanged
-        self.decreases_refused += other.decreases_refused
-        self.resets += other.resets
-        add_samples(self.reset_samples, other.reset_samples)
-        self.refused.extend(other.refused)
-        self.hourly_rows_written += other.hourly_rows_written
-        self.hourly_rows_unchanged += other.hourly_rows_unchanged
-        self.hourly_resets += other.hourly_resets
 
 
 class _Stage:
