@@ -60,6 +60,7 @@ from usage_agg.lives import Source
 from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT, LockWaitNamed, pg_milliseconds
 from usage_agg.merge_result import MergeResult
 from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
+from usage_agg.refusals import Savepoint, isolate_refused
 from usage_agg.samples import SAMPLE_LIMIT
 from usage_agg.schema import SchemaNames
 from usage_agg.source import BadKey, Counter
@@ -137,7 +138,7 @@ class _Stage:
             else:
                 _copy_rows(self.writer._cur, self.copy_target, self._decoded(part)[0])
 
-        refused = self.writer._isolated(rows, send, self.refuse)
+        refused = isolate_refused(self.writer._cur, rows, send, self.refuse)
         self.staged += len(rows) - len(refused)
         self.window += len(rows) - len(refused)
         return refused
@@ -167,7 +168,7 @@ class _Stage:
         if text is None:
             return False
         cur = self.writer._cur
-        with _Savepoint(cur, "usage_agg_copy_in", is_row_error) as copy_in, self.writer._row_lock_wait():
+        with Savepoint(cur, "usage_agg_copy_in", is_row_error) as copy_in, self.writer._row_lock_wait():
             _copy_text(cur, f"{self.target} ({columns})", text)
         if copy_in.error is not None:
             if is_unique_violation(copy_in.error):
@@ -181,8 +182,8 @@ class _Stage:
         """COPY rows of text and ints, every field escaped."""
         if not rows:
             return []
-        refused = self.writer._isolated(
-            rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse
+        refused = isolate_refused(
+            self.writer._cur, rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse
         )
         self.staged += len(rows) - len(refused)
         self.window += len(rows) - len(refused)
@@ -296,11 +297,11 @@ class _Stage:
                 result.add(inserted if inserted is not None else self._merged(cur, statement, params))
             self._resolve_fixed_letters(cur)
 
-        with _Savepoint(cur, "usage_agg_merge", is_row_error) as whole:
+        with Savepoint(cur, "usage_agg_merge", is_row_error) as whole:
             merge_staged(None)
         if whole.error is not None:
             cur.execute(f"SELECT {self.columns} FROM {self.table}")
-            result.refused += self.writer._isolated(cur.fetchall(), merge_staged, self.refuse, failed_whole=True)
+            result.refused += isolate_refused(cur, cur.fetchall(), merge_staged, self.refuse, failed_whole=True)
         return result
 
     def _merged_by_day_scan(self, params: dict) -> MergeResult:
@@ -313,7 +314,7 @@ class _Stage:
         (:meth:`_merged_in_slices`).
         """
         cur = self.writer._cur
-        with _Savepoint(cur, "usage_agg_merge", is_row_error) as day_scan:  # its rollback restores enable_nestloop
+        with Savepoint(cur, "usage_agg_merge", is_row_error) as day_scan:  # its rollback restores enable_nestloop
             cur.execute("SELECT current_setting('enable_nestloop'), set_config('enable_nestloop', 'off', true)")
             nested_loops = cur.fetchone()[0]
             with self.writer._row_lock_wait():
@@ -355,7 +356,7 @@ class _Stage:
         some row was there after all (or the day had rows): the caller merges instead."""
         if not (self.was_empty and self.plain_inserts):
             return None
-        with _Savepoint(cur, "usage_agg_insert", is_unique_violation) as insert:
+        with Savepoint(cur, "usage_agg_insert", is_unique_violation) as insert:
             cur.execute(plain_insert(self.target, self.table, self.shape), params)
             written = cur.rowcount  # before the savepoint's release sets its own
         if insert.error is not None:
@@ -546,36 +547,6 @@ class DayWriter:
         hours as often as the key was read (its reads are merged one after the other)."""
         return self._hourly.stage_block(hours, b"%b\t%b\t%d\t%d\n")
 
-    def _isolated(
-        self,
-        rows: list,
-        attempt: Callable[[list], object],
-        refuse: Callable[[tuple, str], BadKey],
-        *,
-        failed_whole: bool = False,
-    ) -> list[BadKey]:
-        """Run ``attempt(rows)``; if PostgreSQL refuses a row, find it and set it aside.
-
-        Each attempt runs in a savepoint. A refusal of the data (not of the connection
-        or a lock) splits the rows in halves until every refused row stands alone; the
-        others go through. Costs one savepoint when nothing is refused.
-        """
-        refused: list[BadKey] = []
-        middle = len(rows) // 2
-        pending = [rows[middle:], rows[:middle]] if failed_whole and len(rows) > 1 else [rows]
-        while pending:
-            part = pending.pop()
-            with _Savepoint(self._cur, "usage_agg_rows", is_row_error) as rows_part:
-                attempt(part)
-            if rows_part.error is None:
-                continue
-            if len(part) == 1:
-                refused.append(refuse(part[0], f"PostgreSQL refused the row: {_first_line(rows_part.error)}"))
-            else:
-                middle = len(part) // 2
-                pending += [part[middle:], part[:middle]]
-        return refused
-
     # Dead letters and audit
 
     def record_bad_keys(self, bad_keys: list[BadKey]) -> int:
@@ -616,35 +587,6 @@ class DayWriter:
         result.hourly_resets += hourly.resets
         result.refused += hourly.refused
         return result
-
-
-class _Savepoint:
-    """A savepoint around statements PostgreSQL may refuse. Released when they succeed; on
-    an error ``undo_on`` accepts, rolled back to and released, and the error kept in
-    :attr:`error` instead of raised (any other error propagates: the transaction fails)."""
-
-    def __init__(self, cur, name: str, undo_on: Callable[[BaseException], bool]) -> None:
-        self.cur, self.name, self.undo_on = cur, name, undo_on
-        self.error: Exception | None = None
-
-    def __enter__(self) -> _Savepoint:
-        self.cur.execute(f"SAVEPOINT {self.name}")
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            self.cur.execute(f"RELEASE SAVEPOINT {self.name}")
-            return False
-        if not (isinstance(exc, Exception) and self.undo_on(exc)):
-            return False
-        self.cur.execute(f"ROLLBACK TO SAVEPOINT {self.name}")
-        self.cur.execute(f"RELEASE SAVEPOINT {self.name}")
-        self.error = exc
-        return True
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _copy_safe_text(block: bytes, rows: int, width: int) -> str | None:
