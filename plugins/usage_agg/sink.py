@@ -47,13 +47,12 @@ returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
-import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from usage_agg import audit, dead_letters
+from usage_agg.copy_text import copy_rows, copy_safe_text, copy_text
 from usage_agg.db_errors import is_row_error, is_unique_violation, note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
 from usage_agg.lives import Source
@@ -127,16 +126,16 @@ class _Stage:
         if not rows or self._copied_in(rows):
             return []
         block = b"".join(line % row for row in rows)
-        text = _copy_safe_text(block, len(rows), self.width)
+        text = copy_safe_text(block, len(rows), self.width)
         if text is None:
             good, refused = self._decoded(rows)
             return refused + self.stage_text(good)
 
         def send(part: list) -> None:
             if part is rows:
-                _copy_text(self.writer._cur, self.copy_target, text)
+                copy_text(self.writer._cur, self.copy_target, text)
             else:
-                _copy_rows(self.writer._cur, self.copy_target, self._decoded(part)[0])
+                copy_rows(self.writer._cur, self.copy_target, self._decoded(part)[0])
 
         refused = isolate_refused(self.writer._cur, rows, send, self.refuse)
         self.staged += len(rows) - len(refused)
@@ -164,12 +163,12 @@ class _Stage:
         if source is not None:
             columns, line = f"{columns}, redis_incarnation", line + b"\t%d" % source
         line += b"\n"
-        text = _copy_safe_text(b"".join(line % row for row in rows), len(rows), len(columns.split(", ")))
+        text = copy_safe_text(b"".join(line % row for row in rows), len(rows), len(columns.split(", ")))
         if text is None:
             return False
         cur = self.writer._cur
         with Savepoint(cur, "usage_agg_copy_in", is_row_error) as copy_in, self.writer._row_lock_wait():
-            _copy_text(cur, f"{self.target} ({columns})", text)
+            copy_text(cur, f"{self.target} ({columns})", text)
         if copy_in.error is not None:
             if is_unique_violation(copy_in.error):
                 self.plain_inserts = False  # rows turn up after all: merge the rest of the day
@@ -183,7 +182,7 @@ class _Stage:
         if not rows:
             return []
         refused = isolate_refused(
-            self.writer._cur, rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse
+            self.writer._cur, rows, lambda part: copy_rows(self.writer._cur, self.copy_target, part), self.refuse
         )
         self.staged += len(rows) - len(refused)
         self.window += len(rows) - len(refused)
@@ -291,7 +290,7 @@ class _Stage:
         def merge_staged(part: list | None) -> None:
             if part is not None:  # a retry without the refused rows: stage this part alone
                 cur.execute(f"TRUNCATE {self.table}")
-                _copy_rows(cur, self.copy_target, part)
+                copy_rows(cur, self.copy_target, part)
             with self.writer._row_lock_wait():
                 inserted = self._inserted(cur, params)
                 result.add(inserted if inserted is not None else self._merged(cur, statement, params))
@@ -587,39 +586,3 @@ class DayWriter:
         result.hourly_resets += hourly.resets
         result.refused += hourly.refused
         return result
-
-
-def _copy_safe_text(block: bytes, rows: int, width: int) -> str | None:
-    """``block`` as text if COPY's text format reads it as exactly ``rows`` rows of ``width`` fields, else ``None``."""
-    if (
-        block.count(b"\t") != (width - 1) * rows
-        or block.count(b"\n") != rows
-        or any(b in block for b in (b"\\", b"\r", b"\x00"))
-    ):
-        return None
-    try:
-        return block.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _copy_text(cur, target: str, text: str) -> None:
-    """``COPY`` a ready text-format block."""
-    if hasattr(cur, "copy_expert"):  # psycopg2
-        cur.copy_expert(f"COPY {target} FROM STDIN", io.StringIO(text))
-    else:  # psycopg 3
-        with cur.copy(f"COPY {target} FROM STDIN") as copy:
-            copy.write(text)
-
-
-def _copy_rows(cur, target: str, rows: Iterable[tuple]) -> None:
-    """``COPY target FROM STDIN`` with whichever driver the cursor belongs to, every field escaped."""
-    if hasattr(cur, "copy_expert"):  # psycopg2: CSV, quoted, so any character in an id is safe
-        buffer = io.StringIO()
-        csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
-        buffer.seek(0)
-        cur.copy_expert(f"COPY {target} FROM STDIN WITH (FORMAT csv)", buffer)
-    else:  # psycopg 3 escapes each row itself in COPY's text format
-        with cur.copy(f"COPY {target} FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
