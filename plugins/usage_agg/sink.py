@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from usage_agg import audit, dead_letters
@@ -81,8 +82,25 @@ _HOURLY_STAGE = "pg_temp.usage_agg_hourly_stage"
 class _Stage:
     """One kind of staged row (daily counters, or their hours) and the table it merges into."""
 
-    def __init__(self, writer: DayWriter, shape: RowShape, table: str, target: str, key_prefix: str) -> None:
-        self.writer, self.shape, self.table, self.target = writer, shape, table, target
+    def __init__(
+        self,
+        cur,
+        shape: RowShape,
+        table: str,
+        target: str,
+        key_prefix: str,
+        *,
+        usage_date: dt.date,
+        errors_table: str,
+        row_lock_wait: Callable[[], AbstractContextManager[None]],
+    ) -> None:
+        """:param cur: the day's transaction's cursor.
+        :param table: the temporary stage; ``target``: the table it merges into (quoted).
+        :param errors_table: the dead letters (quoted), resolved when a key comes back clean.
+        :param row_lock_wait: bounds a statement's wait on another connection's row locks.
+        """
+        self.cur, self.shape, self.table, self.target = cur, shape, table, target
+        self.usage_date, self.errors_table, self.row_lock_wait = usage_date, errors_table, row_lock_wait
         self.key_prefix = key_prefix
         self.columns = ", ".join(column.split()[0] for column in shape.stage_columns.split(", "))
         self.copy_target = f"{table} ({self.columns})"
@@ -100,7 +118,7 @@ class _Stage:
         self.copied_in = 0
         #: rows staged or COPYed in since the last chunk ended (see :meth:`end_chunk`)
         self.window = 0
-        day = writer.usage_date.isoformat().encode()
+        day = usage_date.isoformat().encode()
         self._direct_line = shape.direct_line.replace(b"{day}", day)
 
     def create(self, cur) -> None:
@@ -109,7 +127,7 @@ class _Stage:
     def refuse(self, row: tuple, reason: str) -> BadKey:
         """The bad key for a staged row that cannot be stored: the Redis key (and hour field) it came from."""
         merchant, metric, *rest = (x if isinstance(x, bytes) else str(x).encode("utf-8") for x in row)
-        day = self.writer.usage_date.isoformat().encode()
+        day = self.usage_date.isoformat().encode()
         raw_key = self.key_prefix.encode() + merchant + b":" + day + b":" + metric
         return BadKey(raw_key, reason, rest[-1], field=b"%02d" % int(rest[0]) if len(rest) == 2 else None)
 
@@ -118,12 +136,13 @@ class _Stage:
         """Rows staged or COPYed in since the last merge."""
         return self.staged + self.copied_in
 
-    def stage_block(self, rows: list[tuple], line: bytes) -> list[BadKey]:
+    def stage_block(self, rows: list[tuple], line: bytes, life_id: int | None) -> list[BadKey]:
         """COPY ``rows`` (checked UTF-8 bytes and ints) as one text-format block, or escaped when unsafe.
 
-        A day's first rows go straight into the target when they can (:meth:`_copied_in`).
+        A day's first rows go straight into the target when they can (:meth:`_copied_in`),
+        noted as read from the Redis life ``life_id``.
         """
-        if not rows or self._copied_in(rows):
+        if not rows or self._copied_in(rows, life_id):
             return []
         block = b"".join(line % row for row in rows)
         text = copy_safe_text(block, len(rows), self.width)
@@ -133,16 +152,16 @@ class _Stage:
 
         def send(part: list) -> None:
             if part is rows:
-                copy_text(self.writer._cur, self.copy_target, text)
+                copy_text(self.cur, self.copy_target, text)
             else:
-                copy_rows(self.writer._cur, self.copy_target, self._decoded(part)[0])
+                copy_rows(self.cur, self.copy_target, self._decoded(part)[0])
 
-        refused = isolate_refused(self.writer._cur, rows, send, self.refuse)
+        refused = isolate_refused(self.cur, rows, send, self.refuse)
         self.staged += len(rows) - len(refused)
         self.window += len(rows) - len(refused)
         return refused
 
-    def _copied_in(self, rows: list[tuple]) -> bool:
+    def _copied_in(self, rows: list[tuple], life_id: int | None) -> bool:
         """COPY a day's first rows straight into the target: no stage, no statement. Each
         block costs PostgreSQL only its insert (half of what staging and a plain INSERT cost).
 
@@ -159,15 +178,14 @@ class _Stage:
         if not (self.copy_straight_in and self.plain_inserts) or self.staged:
             return False
         columns, line = self.shape.direct_columns, self._direct_line
-        source = self.writer.source.id
-        if source is not None:
-            columns, line = f"{columns}, redis_incarnation", line + b"\t%d" % source
+        if life_id is not None:
+            columns, line = f"{columns}, redis_incarnation", line + b"\t%d" % life_id
         line += b"\n"
         text = copy_safe_text(b"".join(line % row for row in rows), len(rows), len(columns.split(", ")))
         if text is None:
             return False
-        cur = self.writer._cur
-        with Savepoint(cur, "usage_agg_copy_in", is_row_error) as copy_in, self.writer._row_lock_wait():
+        cur = self.cur
+        with Savepoint(cur, "usage_agg_copy_in", is_row_error) as copy_in, self.row_lock_wait():
             copy_text(cur, f"{self.target} ({columns})", text)
         if copy_in.error is not None:
             if is_unique_violation(copy_in.error):
@@ -181,9 +199,7 @@ class _Stage:
         """COPY rows of text and ints, every field escaped."""
         if not rows:
             return []
-        refused = isolate_refused(
-            self.writer._cur, rows, lambda part: copy_rows(self.writer._cur, self.copy_target, part), self.refuse
-        )
+        refused = isolate_refused(self.cur, rows, lambda part: copy_rows(self.cur, self.copy_target, part), self.refuse)
         self.staged += len(rows) - len(refused)
         self.window += len(rows) - len(refused)
         return refused
@@ -222,7 +238,7 @@ class _Stage:
     def _merged_once(self, params: dict) -> MergeResult:
         """Merge a stage that holds each counter once, and empty it."""
         result = self._compared(params)
-        self.writer._cur.execute(f"TRUNCATE {self.table}")
+        self.cur.execute(f"TRUNCATE {self.table}")
         self.staged = 0
         return result
 
@@ -238,7 +254,7 @@ class _Stage:
         """Merge the rows held aside in ``held`` part by part: each of ``parts`` (a condition on
         ``held`` and its parameters) is put back into the empty stage alone and merged by
         ``merge_part``, in the order given. The rows wait in PostgreSQL, not in the worker."""
-        cur = self.writer._cur
+        cur = self.cur
         result = MergeResult()
         for condition, args in parts:
             cur.execute(
@@ -254,7 +270,7 @@ class _Stage:
     def _has_repeated_keys(self) -> bool:
         """Whether a counter was staged more than once (SCAN and SSCAN may return a key twice,
         chunks apart). One hash aggregate over the stage, about 0.1 s per 200,000 rows."""
-        cur = self.writer._cur
+        cur = self.cur
         cur.execute(f"SELECT EXISTS (SELECT FROM {self.table} GROUP BY {self.key_columns} HAVING count(*) > 1)")
         return bool(cur.fetchone()[0])
 
@@ -264,7 +280,7 @@ class _Stage:
         between two reads then loses nothing read before it (merged as one read, the growth
         read before the drop would be lost). Round *n* stages every counter's *n*-th read and
         merges it as any stage: each read is merged, and counted, once."""
-        cur = self.writer._cur
+        cur = self.cur
         reads = f"{self.table}_reads"
         cur.execute(
             f"CREATE TEMPORARY TABLE {reads} ON COMMIT DROP AS SELECT {self.columns},"
@@ -285,13 +301,13 @@ class _Stage:
         # after all, the rows are compared with the stored ones: the rules, their counts and
         # the totals that would pass the bigint, as for any day with rows.
         statement = compare_merge(self.target, self.table, self.shape)
-        cur = self.writer._cur
+        cur = self.cur
 
         def merge_staged(part: list | None) -> None:
             if part is not None:  # a retry without the refused rows: stage this part alone
                 cur.execute(f"TRUNCATE {self.table}")
                 copy_rows(cur, self.copy_target, part)
-            with self.writer._row_lock_wait():
+            with self.row_lock_wait():
                 inserted = self._inserted(cur, params)
                 result.add(inserted if inserted is not None else self._merged(cur, statement, params))
             self._resolve_fixed_letters(cur)
@@ -312,11 +328,11 @@ class _Stage:
         row up. Should PostgreSQL refuse a row, the stage is merged again in slices
         (:meth:`_merged_in_slices`).
         """
-        cur = self.writer._cur
+        cur = self.cur
         with Savepoint(cur, "usage_agg_merge", is_row_error) as day_scan:  # its rollback restores enable_nestloop
             cur.execute("SELECT current_setting('enable_nestloop'), set_config('enable_nestloop', 'off', true)")
             nested_loops = cur.fetchone()[0]
-            with self.writer._row_lock_wait():
+            with self.row_lock_wait():
                 result = self._merged(cur, compare_merge(self.target, self.table, self.shape, day_scan=True), params)
             cur.execute("SELECT set_config('enable_nestloop', %s, true)", (nested_loops,))
             self._resolve_fixed_letters(cur)
@@ -327,7 +343,7 @@ class _Stage:
         their tuple ids), each slice by :meth:`_merged_with_refusals`, which sets the refused
         rows aside. The rows wait in PostgreSQL (the stage, renamed); memory holds one slice
         at most, and each row is read once."""
-        cur = self.writer._cur
+        cur = self.cur
         held = f"{self.table}_held"
         cur.execute(f"ALTER TABLE {self.table} RENAME TO {held.rsplit('.', 1)[-1]}")
         self.create(cur)
@@ -346,9 +362,7 @@ class _Stage:
         return result
 
     def _resolve_fixed_letters(self, cur) -> None:
-        dead_letters.resolve_fixed(
-            cur, self.writer.names.errors.quoted, self.writer.usage_date, self.table, self.shape is HOURLY
-        )
+        dead_letters.resolve_fixed(cur, self.errors_table, self.usage_date, self.table, self.shape is HOURLY)
 
     def _inserted(self, cur, params: dict) -> MergeResult | None:
         """A day that had no rows: try a plain INSERT (:func:`plain_insert`). ``None`` when
@@ -419,18 +433,33 @@ class DayWriter:
         self.partition = partition
         self._cur: Any = None  # the transaction's DB-API cursor, once entered
         self._source = Source(None)  # no Redis life known (yet): rows get none
-        self._daily = _Stage(self, DAILY, _STAGE, names.usage.quoted, KEY_PREFIX)
-        self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)
+        #: the daily and hourly stages, on the transaction's cursor (once entered)
+        self._daily: _Stage
+        self._hourly: _Stage
 
     def __enter__(self) -> DayWriter:
         refuse_autocommit(self.conn, f"{self.names.usage} {self.usage_date}")
         self._cur = self.conn.cursor()
+        self._daily = self._stage(DAILY, _STAGE, self.names.usage.quoted, KEY_PREFIX)
+        self._hourly = self._stage(HOURLY, _HOURLY_STAGE, self.names.hourly.quoted, HOURLY_PREFIX)
         try:
             self._begin()
         except BaseException:
             self._end(commit=False)
             raise
         return self
+
+    def _stage(self, shape: RowShape, table: str, target: str, key_prefix: str) -> _Stage:
+        return _Stage(
+            self._cur,
+            shape,
+            table,
+            target,
+            key_prefix,
+            usage_date=self.usage_date,
+            errors_table=self.names.errors.quoted,
+            row_lock_wait=self._row_lock_wait,
+        )
 
     def _begin(self) -> None:
         cur = self._cur
@@ -539,12 +568,12 @@ class DayWriter:
         backslash, tab, CR, LF or NUL, which this checks on the whole block (cheaply)
         before sending it. A block that fails the check is staged escaped instead.
         """
-        return self._daily.stage_block(rows, b"%b\t%b\t%b\n")
+        return self._daily.stage_block(rows, b"%b\t%b\t%b\n", self._source.id)
 
     def stage_hours(self, hours: list[tuple[bytes, bytes, int, int]]) -> list[BadKey]:
         """Stage a batch's hourly counts (see :attr:`usage_agg.source.Batch.hours`), a key's
         hours as often as the key was read (its reads are merged one after the other)."""
-        return self._hourly.stage_block(hours, b"%b\t%b\t%d\t%d\n")
+        return self._hourly.stage_block(hours, b"%b\t%b\t%d\t%d\n", self._source.id)
 
     # Dead letters and audit
 
