@@ -619,17 +619,17 @@ def test_a_day_with_rows_read_whole_is_compared_once_and_a_refused_row_costs_its
     hash join; a row PostgreSQL refuses there sends the stage through again in slices,
     which set that row aside and merge the rest."""
     import usage_agg.aggregate as aggregate_module
-    import usage_agg.sink as sink
+    import usage_agg.write_routes as write_routes
 
     calls: list[str] = []
     for method in ("_merged_by_day_scan", "_merged_in_slices", "_merged_with_refusals"):
-        original = getattr(sink._Stage, method)
+        original = getattr(write_routes.Stage, method)
         monkeypatch.setattr(
-            sink._Stage, method, lambda self, params, _o=original, _m=method: calls.append(_m) or _o(self, params)
+            write_routes.Stage, method, lambda self, params, _o=original, _m=method: calls.append(_m) or _o(self, params)
         )
     monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", 10)  # a chunk ends after every batch
-    monkeypatch.setattr(sink, "LOOKUP_ROWS", 25)
-    monkeypatch.setattr(sink, "SLICE_PAGES", 1)  # 200-byte ids: about 35 staged rows a page
+    monkeypatch.setattr(write_routes, "LOOKUP_ROWS", 25)
+    monkeypatch.setattr(write_routes, "SLICE_PAGES", 1)  # 200-byte ids: about 35 staged rows a page
     seed(redis_client, {(f"m{i:03d}{WIDE}", "queries"): 1 for i in range(60)})
     first = aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
     assert (first.rows_written, calls) == (60, [])  # a new day: COPYed straight in, chunk by chunk
