@@ -63,7 +63,7 @@ class AggregationResult:
     #: Redis values lower than the value last read, which did not lower the stored total
     decreases_refused: int = 0
     #: counters found reset (Redis lost data: a restart, failover, restore or eviction);
-    #: what was counted before is kept (see :mod:`usage_agg.sink`)
+    #: what was counted before is kept (see :mod:`usage_agg.write_routes`)
     resets: int = 0
     bad_keys: int = 0
     #: hourly rows (from the hourly hashes beside the keys) written, unchanged, found reset
@@ -112,7 +112,7 @@ def aggregate_day(
     """Copy one date's counters (optionally one merchant's) into the usage table.
 
     Redis holds each day's running total and PostgreSQL takes that absolute value
-    (plus what earlier resets kept, see :mod:`usage_agg.sink`), so any number of
+    (plus what earlier resets kept, see :mod:`usage_agg.write_routes`), so any number of
     reruns gives the same rows. A date with no keys left in Redis leaves its rows
     alone. The whole date is one transaction.
 

@@ -73,7 +73,7 @@ class Read:
 class Rule:
     """One row of the rule table: when it applies, what the row's quantity and offset become,
     the reset it is (``None``: none), and the sentence of the README (or, where the README
-    says nothing, of ``usage_agg.sink``'s docstring) that promises it."""
+    says nothing, of ``usage_agg.write_routes``' docstring) that promises it."""
 
     name: str
     #: whether the rule applies to the stored row (``None`` only for the first rule: every rule

@@ -2,7 +2,7 @@
 
 A row's offset stands for what was counted before its Redis counter was reset, and
 which reset a new value means depends on the server life it was read from (see the
-rules in :mod:`usage_agg.sink`). Each run notes, in ``usage_redis_incarnations``, the
+rules in :mod:`usage_agg.write_routes`). Each run notes, in ``usage_redis_incarnations``, the
 lives it reads (:mod:`usage_agg.servers` tells them apart) and learns which older lives
 a life started empty after; a life seen taking keys in is noted as not empty for good.
 

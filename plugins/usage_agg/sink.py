@@ -9,36 +9,8 @@ as a bad key instead of rolling the day back.
 The hourly counts of the same keys (:attr:`usage_agg.source.Batch.hours`) go the same
 way into the hourly table, in the same transaction, by the same rules.
 
-**Counters with resets.** Each row keeps ``quantity = redis_offset + v``, where ``v``
-is the Redis value last read, and ``redis_incarnation``, the Redis server life it was
-read from (:mod:`usage_agg.servers`). For a new Redis value ``r``:
-
-==========================================================  ==========================
-case (the first that applies)                               the row becomes
-==========================================================  ==========================
-no row yet                                                  ``quantity = r``, offset 0
-``allow_decrease``                                          ``quantity = r``, offset 0:
-                                                            Redis is the truth
-the row's Redis life ended and the current one started      offset = quantity, so
-empty after it was read (a restart without persistence)     ``quantity + r``: all of
-                                                            ``r`` is new (a *restart* reset)
-``r < v`` (eviction, failover to a lagging replica,         offset = quantity - r, so
-snapshot restore, a writer lowering it)                     quantity unchanged (a *drop*
-                                                            reset); growth after it counts
-``r > v``, the row holds an offset and was read from        quantity = max(quantity, r)
-another life, one that did not start empty (a snapshot      (a *rebase* reset); growth
-loaded, a replica promoted, keys moved in)                  after it counts
-``r >= v`` (growth, or nothing new)                         ``offset + r``
-==========================================================  ==========================
-
-So a total never falls (unless ``allow_decrease``), and nothing is counted twice:
-after a drop, Redis may hold values already counted (a snapshot rolls values back,
-not to zero), so only growth after the drop is added; once a row holds an offset, a
-value of another life may predate the reset the offset stands for (a snapshot restored
-after an empty restart), so it is not taken for growth over the last read. What a
-reset can lose is the growth between the reset (or the life change) and the next read,
-never what was already counted. A row whose value did not change is never rewritten,
-except to take the current life where it holds an offset.
+What a staged row becomes (the reset rules) and by which route it gets there are in
+:mod:`usage_agg.write_routes`; the Redis lives the rules depend on in :mod:`usage_agg.lives`.
 
 Works on the DB-API connection of either driver that Airflow's ``PostgresHook``
 returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).

@@ -2,9 +2,9 @@
 
 A :class:`Stage` is one kind of row (a day's counters, or their hours) on its way into
 its table, inside the day's transaction (:class:`usage_agg.sink.DayWriter`). What the
-row becomes is decided by the reset rules (:mod:`usage_agg.sink`, specified in
-:mod:`usage_agg.counter_model`); which route takes it there is decided here, by what
-the day held when the transaction began:
+row becomes is decided by the reset rules (below, specified in
+:mod:`usage_agg.counter_model`); which route takes it there, by what the day held when
+the transaction began:
 
 ====================================================  ===================================
 the rows, when                                        go in by
@@ -26,6 +26,37 @@ the bigint)                                           (:func:`usage_agg.refusals
                                                       or by slices after a day scan; the rest
                                                       go through
 ====================================================  ===================================
+
+**Counters with resets.** Each row keeps ``quantity = redis_offset + v``, where ``v``
+is the Redis value last read, and ``redis_incarnation``, the Redis server life it was
+read from (:mod:`usage_agg.servers`). For a new Redis value ``r``:
+
+==========================================================  ==========================
+case (the first that applies)                               the row becomes
+==========================================================  ==========================
+no row yet                                                  ``quantity = r``, offset 0
+``allow_decrease``                                          ``quantity = r``, offset 0:
+                                                            Redis is the truth
+the row's Redis life ended and the current one started      offset = quantity, so
+empty after it was read (a restart without persistence)     ``quantity + r``: all of
+                                                            ``r`` is new (a *restart* reset)
+``r < v`` (eviction, failover to a lagging replica,         offset = quantity - r, so
+snapshot restore, a writer lowering it)                     quantity unchanged (a *drop*
+                                                            reset); growth after it counts
+``r > v``, the row holds an offset and was read from        quantity = max(quantity, r)
+another life, one that did not start empty (a snapshot      (a *rebase* reset); growth
+loaded, a replica promoted, keys moved in)                  after it counts
+``r >= v`` (growth, or nothing new)                         ``offset + r``
+==========================================================  ==========================
+
+So a total never falls (unless ``allow_decrease``), and nothing is counted twice:
+after a drop, Redis may hold values already counted (a snapshot rolls values back,
+not to zero), so only growth after the drop is added; once a row holds an offset, a
+value of another life may predate the reset the offset stands for (a snapshot restored
+after an empty restart), so it is not taken for growth over the last read. What a
+reset can lose is the growth between the reset (or the life change) and the next read,
+never what was already counted. A row whose value did not change is never rewritten,
+except to take the current life where it holds an offset.
 """
 
 from __future__ import annotations
