@@ -87,8 +87,8 @@ class DayWriter:
     def __enter__(self) -> DayWriter:
         refuse_autocommit(self.conn, f"{self.names.usage} {self.usage_date}")
         self._cur = self.conn.cursor()
-        self._daily = self._stage(DAILY, _STAGE, self.names.usage.quoted, KEY_PREFIX)
-        self._hourly = self._stage(HOURLY, _HOURLY_STAGE, self.names.hourly.quoted, HOURLY_PREFIX)
+        self._daily = self._new_stage(DAILY, _STAGE, self.names.usage.quoted, KEY_PREFIX)
+        self._hourly = self._new_stage(HOURLY, _HOURLY_STAGE, self.names.hourly.quoted, HOURLY_PREFIX)
         try:
             self._begin()
         except BaseException:
@@ -96,7 +96,7 @@ class DayWriter:
             raise
         return self
 
-    def _stage(self, shape: RowShape, table: str, target: str, key_prefix: str) -> Stage:
+    def _new_stage(self, shape: RowShape, table: str, target: str, key_prefix: str) -> Stage:
         return Stage(
             self._cur,
             shape,
