@@ -239,6 +239,7 @@ def breakdown(client, conn, table: str, day: dt.date = TARGET, *, first: bool = 
     import usage_agg.aggregate as aggregate_module
     import usage_agg.sink as sink_module
     import usage_agg.source as source_module
+    import usage_agg.write_routes as write_routes_module
 
     spent: collections.Counter = collections.Counter()
     originals = []
@@ -259,8 +260,8 @@ def breakdown(client, conn, table: str, day: dt.date = TARGET, *, first: bool = 
     wrap(source_module, "_read_batch_in_bulk", "reader: read and split a batch (Redis MGET, parsing)")
     wrap(source_module, "_read_batch", "reader: read and split a batch (Redis MGET, parsing)")
     wrap(source_module, "_read_hours", "reader: hourly hashes (Redis)")
-    wrap(sink_module._Stage, "stage_block", "main: build and COPY a block (PostgreSQL)")
-    wrap(sink_module._Stage, "merge", "main: merge statements (PostgreSQL)")
+    wrap(write_routes_module.Stage, "stage_block", "main: build and COPY a block (PostgreSQL)")
+    wrap(write_routes_module.Stage, "merge", "main: merge statements (PostgreSQL)")
     wrap(sink_module.DayWriter, "_begin", "main: begin, locks, temp tables (PostgreSQL)")
     wrap(sink_module.DayWriter, "_end", "main: commit (PostgreSQL)")
     wrap(sink_module.DayWriter, "record_bad_keys", "main: dead letters (PostgreSQL)")

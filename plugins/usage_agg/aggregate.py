@@ -17,20 +17,15 @@ from typing import Any, Protocol
 from usage_agg.audit import record_failed_run
 from usage_agg.db_errors import describe
 from usage_agg.keys import HOURLY_PREFIX, parse_date
+from usage_agg.lives import Source, note_keys_taken_in, register_incarnations
+from usage_agg.merge_result import MergeResult, add_merge
 from usage_agg.options import AggregationOptions
 from usage_agg.partitions import check_layout_unchanged, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.samples import add_samples
 from usage_agg.schema import ensure_schema, resolve_names
 from usage_agg.servers import RedisTookKeysIn, check_unchanged, read_incarnations
-from usage_agg.sink import (
-    DayWriter,
-    MergeResult,
-    Source,
-    note_keys_taken_in,
-    refuse_autocommit,
-    register_incarnations,
-)
+from usage_agg.sink import DayWriter, refuse_autocommit
 from usage_agg.source import discovery_method, read_day
 
 log = logging.getLogger(__name__)
@@ -68,7 +63,7 @@ class AggregationResult:
     #: Redis values lower than the value last read, which did not lower the stored total
     decreases_refused: int = 0
     #: counters found reset (Redis lost data: a restart, failover, restore or eviction);
-    #: what was counted before is kept (see :mod:`usage_agg.sink`)
+    #: what was counted before is kept (see :mod:`usage_agg.write_routes`)
     resets: int = 0
     bad_keys: int = 0
     #: hourly rows (from the hourly hashes beside the keys) written, unchanged, found reset
@@ -117,7 +112,7 @@ def aggregate_day(
     """Copy one date's counters (optionally one merchant's) into the usage table.
 
     Redis holds each day's running total and PostgreSQL takes that absolute value
-    (plus what earlier resets kept, see :mod:`usage_agg.sink`), so any number of
+    (plus what earlier resets kept, see :mod:`usage_agg.write_routes`), so any number of
     reruns gives the same rows. A date with no keys left in Redis leaves its rows
     alone. The whole date is one transaction.
 
@@ -237,7 +232,7 @@ def _aggregate_in_one_transaction(
         debug = logger.isEnabledFor(logging.DEBUG)
 
         def merged(outcome: MergeResult) -> None:
-            _add_merge(result, outcome)
+            add_merge(result, outcome)
             progress.rows_merged += outcome.rows_written + outcome.rows_unchanged
             _add_bad_keys(writer, logger, result, outcome.refused)
 
@@ -289,17 +284,6 @@ def _noting_keys_taken_in(pg_conn, names, logger) -> Iterator[None]:
 def _add_mismatches(result: AggregationResult, batch) -> None:
     result.hourly_mismatches += batch.hourly_mismatches
     add_samples(result.hourly_mismatch_samples, batch.mismatch_samples)
-
-
-def _add_merge(result: AggregationResult, merged: MergeResult) -> None:
-    result.rows_written += merged.rows_written
-    result.rows_unchanged += merged.rows_unchanged
-    result.decreases_refused += merged.decreases_refused
-    result.resets += merged.resets
-    result.hourly_rows_written += merged.hourly_rows_written
-    result.hourly_rows_unchanged += merged.hourly_rows_unchanged
-    result.hourly_resets += merged.hourly_resets
-    add_samples(result.reset_samples, merged.reset_samples)
 
 
 def _add_bad_keys(writer: DayWriter, logger, result: AggregationResult, bad_keys: list) -> None:

@@ -4,7 +4,7 @@ A stored row (``merchant_usage`` or ``merchant_usage_hourly``) keeps ``quantity`
 ``redis_offset`` and ``redis_incarnation``: ``quantity = redis_offset + the Redis value
 last read``, read from the Redis server life ``redis_incarnation`` (an id of
 ``usage_redis_incarnations``). A run reads a new value from a server life, knowing which
-older lives that life started empty after (:attr:`usage_agg.sink.Source.predecessors`),
+older lives that life started empty after (:attr:`usage_agg.lives.Source.predecessors`),
 and whether ``allow_decrease`` was asked for. :func:`next_state` says what the row
 becomes, by the first rule of :data:`RULES` that applies.
 
@@ -73,7 +73,7 @@ class Read:
 class Rule:
     """One row of the rule table: when it applies, what the row's quantity and offset become,
     the reset it is (``None``: none), and the sentence of the README (or, where the README
-    says nothing, of ``usage_agg.sink``'s docstring) that promises it."""
+    says nothing, of ``usage_agg.write_routes``' docstring) that promises it."""
 
     name: str
     #: whether the rule applies to the stored row (``None`` only for the first rule: every rule

@@ -1,4 +1,4 @@
-"""The merge statements: staged Redis values into stored rows, by the reset rules of :mod:`usage_agg.sink`.
+"""The merge statements: staged Redis values into stored rows, by the reset rules of :mod:`usage_agg.write_routes`.
 
 One builder serves the daily rows (``merchant_usage``, keyed by date) and the hourly
 rows (``merchant_usage_hourly``, keyed by UTC hour): the rules are written once. Table
@@ -62,7 +62,7 @@ HOURLY = RowShape(
 
 
 def next_offset(quantity: str, offset: str, source: str, redis: str) -> str:
-    """SQL: the offset a stored row takes for a new Redis value (the table in ``usage_agg.sink``).
+    """SQL: the offset a stored row takes for a new Redis value (the table in ``usage_agg.write_routes``).
 
     The *rebase* arm: a row holding an offset (it was reset or dropped before) read from
     another life of Redis that did not start empty. That life's values may predate the

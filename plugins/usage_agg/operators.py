@@ -15,9 +15,9 @@ from usage_agg.assets import changed, record_events, record_rescue_events
 from usage_agg.audit import mark_announced, mark_not_announced, unannounced_dates
 from usage_agg.identifiers import TableName
 from usage_agg.keys import parse_date
+from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT
 from usage_agg.options import AggregationOptions
 from usage_agg.schema import schema_is_current
-from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT
 
 if TYPE_CHECKING:

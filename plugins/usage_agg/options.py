@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 
 from usage_agg.keys import check_merchant_id
-from usage_agg.sink import DEFAULT_LOCK_TIMEOUT
+from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT
 from usage_agg.source import DEFAULT_BATCH_SIZE, DEFAULT_SCAN_COUNT, DISCOVERY_MODES
 
 

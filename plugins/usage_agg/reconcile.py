@@ -2,7 +2,7 @@
 
 A row is in sync when Redis holds the value it was last read at: ``quantity =
 redis_offset + Redis value`` (the offset holds what was counted before a reset, see
-:mod:`usage_agg.sink`).
+:mod:`usage_agg.write_routes`).
 
 Plain Python on a redis-py client and a DB-API connection (the ``usage-agg status``
 command runs it through Airflow's connections). Redis is read batch by batch with the

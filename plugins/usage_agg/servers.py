@@ -7,7 +7,7 @@ values alone cannot always tell (a counter that passes its old total before the 
 run looks like growth), so each run notes the server's *incarnation*: its ``run_id``
 (new with every start) and how it started (see :attr:`RedisIncarnation.started_empty`).
 The writer keeps, per row, the incarnation its last value came from
-(:mod:`usage_agg.sink`), which is how it tells a restart from growth.
+(:mod:`usage_agg.write_routes`), which is how it tells a restart from growth.
 """
 
 from __future__ import annotations

@@ -9,36 +9,8 @@ as a bad key instead of rolling the day back.
 The hourly counts of the same keys (:attr:`usage_agg.source.Batch.hours`) go the same
 way into the hourly table, in the same transaction, by the same rules.
 
-**Counters with resets.** Each row keeps ``quantity = redis_offset + v``, where ``v``
-is the Redis value last read, and ``redis_incarnation``, the Redis server life it was
-read from (:mod:`usage_agg.servers`). For a new Redis value ``r``:
-
-==========================================================  ==========================
-case (the first that applies)                               the row becomes
-==========================================================  ==========================
-no row yet                                                  ``quantity = r``, offset 0
-``allow_decrease``                                          ``quantity = r``, offset 0:
-                                                            Redis is the truth
-the row's Redis life ended and the current one started      offset = quantity, so
-empty after it was read (a restart without persistence)     ``quantity + r``: all of
-                                                            ``r`` is new (a *restart* reset)
-``r < v`` (eviction, failover to a lagging replica,         offset = quantity - r, so
-snapshot restore, a writer lowering it)                     quantity unchanged (a *drop*
-                                                            reset); growth after it counts
-``r > v``, the row holds an offset and was read from        quantity = max(quantity, r)
-another life, one that did not start empty (a snapshot      (a *rebase* reset); growth
-loaded, a replica promoted, keys moved in)                  after it counts
-``r >= v`` (growth, or nothing new)                         ``offset + r``
-==========================================================  ==========================
-
-So a total never falls (unless ``allow_decrease``), and nothing is counted twice:
-after a drop, Redis may hold values already counted (a snapshot rolls values back,
-not to zero), so only growth after the drop is added; once a row holds an offset, a
-value of another life may predate the reset the offset stands for (a snapshot restored
-after an empty restart), so it is not taken for growth over the last read. What a
-reset can lose is the growth between the reset (or the life change) and the next read,
-never what was already counted. A row whose value did not change is never rewritten,
-except to take the current life where it holds an offset.
+What a staged row becomes (the reset rules) and by which route it gets there are in
+:mod:`usage_agg.write_routes`; the Redis lives the rules depend on in :mod:`usage_agg.lives`.
 
 Works on the DB-API connection of either driver that Airflow's ``PostgresHook``
 returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
@@ -47,424 +19,29 @@ returns: psycopg2 (Airflow 2) or psycopg 3 (Airflow 3).
 from __future__ import annotations
 
 import contextlib
-import csv
 import datetime as dt
-import io
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from usage_agg import audit, dead_letters
-from usage_agg.db_errors import LockWaitTimeout, is_lock_timeout, is_row_error, is_unique_violation, note_server_said
+from usage_agg.db_errors import note_server_said
 from usage_agg.keys import HOURLY_PREFIX, KEY_PREFIX
-from usage_agg.merge_sql import DAILY, HOURLY, RowShape, compare_merge, plain_insert
-from usage_agg.samples import SAMPLE_LIMIT, add_samples
-from usage_agg.schema import SchemaNames, ensure_schema  # noqa: F401  (ensure_schema: for callers of the writer)
-from usage_agg.servers import RedisIncarnation
+from usage_agg.lives import Source
+from usage_agg.lock_waits import DEFAULT_LOCK_TIMEOUT, LockWaitNamed, pg_milliseconds
+from usage_agg.merge_result import MergeResult
+from usage_agg.merge_sql import DAILY, HOURLY, RowShape
+from usage_agg.samples import SAMPLE_LIMIT
+from usage_agg.schema import SchemaNames
 from usage_agg.source import BadKey, Counter
+from usage_agg.write_routes import Stage
 
-DEFAULT_LOCK_TIMEOUT = dt.timedelta(minutes=10)
 #: PostgreSQL ends a session that sits this long inside the day's transaction (a hung
 #: or killed worker), so its locks never outlive it.
 IDLE_IN_TRANSACTION_TIMEOUT = dt.timedelta(minutes=10)
 MERGE_WORK_MEM = "64MB"
-#: A stage of at most this many rows finds its stored rows by primary-key lookups; a
-#: bigger one (a day that had rows, read whole) by one scan of the stored day.
-LOOKUP_ROWS = 20_000
-#: After a refusal in that scan, the stage is merged again this many pages (8 kB) at a time.
-SLICE_PAGES = 128
 
 _STAGE = "pg_temp.usage_agg_stage"
 _HOURLY_STAGE = "pg_temp.usage_agg_hourly_stage"
-
-
-@dataclass(frozen=True)
-class Source:
-    """A Redis server life as the usage schema knows it (see :func:`register_incarnations`)."""
-
-    id: int | None
-    #: incarnations whose rows hold nothing of what this one holds: it started empty after their last read
-    predecessors: tuple[int, ...] = ()
-
-
-def register_incarnations(
-    conn,
-    names: SchemaNames,
-    incarnations: dict[str, RedisIncarnation],
-    lock_timeout: dt.timedelta = DEFAULT_LOCK_TIMEOUT,
-) -> dict[str, Source]:
-    """Note the Redis lives a run reads, in a short transaction of its own, and commit.
-
-    Runs of other dates note the same lives at the same time; a transaction of its own
-    keeps them from waiting on each other's day transactions.
-    """
-    sources = {}
-    with conn.cursor() as cur:
-        cur.execute("SELECT set_config('lock_timeout', %s, true)", (_ms(lock_timeout),))
-        for address, life in sorted(incarnations.items()):
-            cur.execute(
-                f"""INSERT INTO {names.incarnations.quoted} AS i
-                        (run_id, address, started_at, started_empty, first_seen, last_seen)
-                    VALUES (%(run_id)s, %(address)s, %(started_at)s, %(started_empty)s, %(seen)s, %(seen)s)
-                    ON CONFLICT (run_id) DO UPDATE
-                       SET last_seen = greatest(i.last_seen, EXCLUDED.last_seen), address = EXCLUDED.address,
-                           started_empty = i.started_empty AND EXCLUDED.started_empty
-                    RETURNING id, started_empty""",
-                {**life.__dict__, "seen": life.seen_at},
-            )
-            # Started empty as every read of this life said: a read that saw keys taken in
-            # (RESTORE) is not undone by the statistics being reset (CONFIG RESETSTAT) since.
-            own_id, started_empty = cur.fetchone()
-            cur.execute(
-                f"""SELECT coalesce(array_agg(id ORDER BY id), '{{}}') FROM {names.incarnations.quoted}
-                    WHERE %(empty)s AND id <> %(id)s AND last_seen < %(started_at)s""",
-                {"empty": started_empty, "id": own_id, "started_at": life.started_at},
-            )
-            sources[address] = Source(own_id, tuple(cur.fetchone()[0]))
-    conn.commit()
-    return sources
-
-
-def note_keys_taken_in(conn, names: SchemaNames, run_id: str) -> None:
-    """Record, in a transaction of its own, that a Redis life did not start empty after all
-    (a run saw it take keys in, and failed): statistics reset before the retry
-    (``CONFIG RESETSTAT``) cannot then make it look empty again."""
-    with conn.cursor() as cur:
-        cur.execute(f"UPDATE {names.incarnations.quoted} SET started_empty = false WHERE run_id = %s", (run_id,))
-    conn.commit()
-
-
-@dataclass
-class MergeResult:
-    rows_written: int = 0
-    rows_unchanged: int = 0
-    #: Redis values lower than the value last read, which did not lower the total
-    decreases_refused: int = 0
-    #: rows whose counter was found reset (restarts, drops and rebases)
-    resets: int = 0
-    reset_samples: list[dict] = field(default_factory=list)
-    #: counters PostgreSQL refused (set aside as bad keys; the rest of the chunk is merged)
-    refused: list[BadKey] = field(default_factory=list)
-    #: the same for the hourly rows of the chunk (their refused rows are in :attr:`refused`)
-    hourly_rows_written: int = 0
-    hourly_rows_unchanged: int = 0
-    hourly_resets: int = 0
-
-    def add(self, other: MergeResult) -> None:
-        self.rows_written += other.rows_written
-        self.rows_unchanged += other.rows_unchanged
-        self.decreases_refused += other.decreases_refused
-        self.resets += other.resets
-        add_samples(self.reset_samples, other.reset_samples)
-        self.refused.extend(other.refused)
-        self.hourly_rows_written += other.hourly_rows_written
-        self.hourly_rows_unchanged += other.hourly_rows_unchanged
-        self.hourly_resets += other.hourly_resets
-
-
-class _Stage:
-    """One kind of staged row (daily counters, or their hours) and the table it merges into."""
-
-    def __init__(self, writer: DayWriter, shape: RowShape, table: str, target: str, key_prefix: str) -> None:
-        self.writer, self.shape, self.table, self.target = writer, shape, table, target
-        self.key_prefix = key_prefix
-        self.columns = ", ".join(column.split()[0] for column in shape.stage_columns.split(", "))
-        self.copy_target = f"{table} ({self.columns})"
-        self.width = len(self.columns.split(", "))
-        self.staged = 0
-        #: the columns that name a counter (its key, and the hour for hours)
-        self.key_columns = ", ".join(c for c in self.columns.split(", ") if c != "quantity")
-        self.was_empty = False
-        #: a day without rows goes in by plain INSERT until one meets a row already there
-        self.plain_inserts = True
-        #: ... and by COPY straight into the target (no stage, no statement) when, besides,
-        #: no dead letter of the date waits for its key to come back clean (set on begin)
-        self.copy_straight_in = False
-        #: rows COPYed straight into the target since the last merge
-        self.copied_in = 0
-        #: rows staged or COPYed in since the last chunk ended (see :meth:`end_chunk`)
-        self.window = 0
-        day = writer.usage_date.isoformat().encode()
-        self._direct_line = shape.direct_line.replace(b"{day}", day)
-
-    def create(self, cur) -> None:
-        cur.execute(f"CREATE TEMPORARY TABLE {self.table} ({self.shape.stage_columns}) ON COMMIT DROP")
-
-    def refuse(self, row: tuple, reason: str) -> BadKey:
-        """The bad key for a staged row that cannot be stored: the Redis key (and hour field) it came from."""
-        merchant, metric, *rest = (x if isinstance(x, bytes) else str(x).encode("utf-8") for x in row)
-        day = self.writer.usage_date.isoformat().encode()
-        raw_key = self.key_prefix.encode() + merchant + b":" + day + b":" + metric
-        return BadKey(raw_key, reason, rest[-1], field=b"%02d" % int(rest[0]) if len(rest) == 2 else None)
-
-    @property
-    def pending(self) -> int:
-        """Rows staged or COPYed in since the last merge."""
-        return self.staged + self.copied_in
-
-    def stage_block(self, rows: list[tuple], line: bytes) -> list[BadKey]:
-        """COPY ``rows`` (checked UTF-8 bytes and ints) as one text-format block, or escaped when unsafe.
-
-        A day's first rows go straight into the target when they can (:meth:`_copied_in`).
-        """
-        if not rows or self._copied_in(rows):
-            return []
-        block = b"".join(line % row for row in rows)
-        text = _copy_safe_text(block, len(rows), self.width)
-        if text is None:
-            good, refused = self._decoded(rows)
-            return refused + self.stage_text(good)
-
-        def send(part: list) -> None:
-            if part is rows:
-                _copy_text(self.writer._cur, self.copy_target, text)
-            else:
-                _copy_rows(self.writer._cur, self.copy_target, self._decoded(part)[0])
-
-        refused = self.writer._isolated(rows, send, self.refuse)
-        self.staged += len(rows) - len(refused)
-        self.window += len(rows) - len(refused)
-        return refused
-
-    def _copied_in(self, rows: list[tuple]) -> bool:
-        """COPY a day's first rows straight into the target: no stage, no statement. Each
-        block costs PostgreSQL only its insert (half of what staging and a plain INSERT cost).
-
-        ``False``, with nothing written, when the rows cannot go this way: the day had rows,
-        a block with characters COPY's text format would read differently, or PostgreSQL
-        refusing the block (a row already there, from a writer without the day's lock or a
-        key read twice; a row it cannot store). They are then staged, and merged by the rules,
-        which set a refused row aside; a row already there ends this way for the day.
-
-        Nor while rows wait in the stage: they were read before this block, and a key in
-        both must be merged in the order read (the block's newer read last), so the block
-        joins them in the stage until the chunk's merge.
-        """
-        if not (self.copy_straight_in and self.plain_inserts) or self.staged:
-            return False
-        columns, line = self.shape.direct_columns, self._direct_line
-        source = self.writer.source.id
-        if source is not None:
-            columns, line = f"{columns}, redis_incarnation", line + b"\t%d" % source
-        line += b"\n"
-        text = _copy_safe_text(b"".join(line % row for row in rows), len(rows), len(columns.split(", ")))
-        if text is None:
-            return False
-        cur = self.writer._cur
-        with _Savepoint(cur, "usage_agg_copy_in", is_row_error) as copy_in, self.writer._row_lock_wait():
-            _copy_text(cur, f"{self.target} ({columns})", text)
-        if copy_in.error is not None:
-            if is_unique_violation(copy_in.error):
-                self.plain_inserts = False  # rows turn up after all: merge the rest of the day
-            return False
-        self.copied_in += len(rows)
-        self.window += len(rows)
-        return True
-
-    def stage_text(self, rows: list[tuple]) -> list[BadKey]:
-        """COPY rows of text and ints, every field escaped."""
-        if not rows:
-            return []
-        refused = self.writer._isolated(
-            rows, lambda part: _copy_rows(self.writer._cur, self.copy_target, part), self.refuse
-        )
-        self.staged += len(rows) - len(refused)
-        self.window += len(rows) - len(refused)
-        return refused
-
-    def _decoded(self, rows: list[tuple]) -> tuple[list[tuple], list[BadKey]]:
-        good, refused = [], []
-        for row in rows:
-            try:
-                good.append(
-                    tuple(x.decode("utf-8") if isinstance(x, bytes) else x for x in row[:2])
-                    + tuple(int(x) for x in row[2:])
-                )
-            except (UnicodeDecodeError, ValueError) as err:
-                refused.append(self.refuse(row, f"cannot be staged: {err}"))
-        return good, refused
-
-    def end_chunk(self, params: dict) -> MergeResult:
-        """A chunk's worth of rows was read. A day that had no rows merges it now, so its rows
-        reach the table while Redis is still read; a day with rows keeps them staged, to
-        compare the whole stage with the stored day once (:meth:`merge`). Either way the
-        worker keeps no key: what was read is in PostgreSQL."""
-        if self.was_empty:
-            return self.merge(params)
-        self.window = 0
-        return MergeResult()
-
-    def merge(self, params: dict) -> MergeResult:
-        """Merge what is staged into the target, set aside what PostgreSQL refuses, empty the stage."""
-        result = MergeResult(rows_written=self.copied_in)
-        self.copied_in = self.window = 0
-        if not self.staged:
-            return result
-        result.add(self._merged_in_rounds(params) if self._has_repeated_keys() else self._merged_once(params))
-        return result
-
-    def _merged_once(self, params: dict) -> MergeResult:
-        """Merge a stage that holds each counter once, and empty it."""
-        result = self._compared(params)
-        self.writer._cur.execute(f"TRUNCATE {self.table}")
-        self.staged = 0
-        return result
-
-    def _compared(self, params: dict) -> MergeResult:
-        """Merge a stage that holds each counter once, by lookups or by one scan of the stored day."""
-        if self.staged > LOOKUP_ROWS and not self.was_empty:
-            return self._merged_by_day_scan(params)
-        return self._merged_with_refusals(params)
-
-    def _merged_in_parts(
-        self, params: dict, held: str, parts: list[tuple[str, tuple]], merge_part: Callable[[dict], MergeResult]
-    ) -> MergeResult:
-        """Merge the rows held aside in ``held`` part by part: each of ``parts`` (a condition on
-        ``held`` and its parameters) is put back into the empty stage alone and merged by
-        ``merge_part``, in the order given. The rows wait in PostgreSQL, not in the worker."""
-        cur = self.writer._cur
-        result = MergeResult()
-        for condition, args in parts:
-            cur.execute(
-                f"INSERT INTO {self.table} ({self.columns}) SELECT {self.columns} FROM {held} WHERE {condition}", args
-            )
-            self.staged = cur.rowcount
-            if self.staged:
-                result.add(merge_part(params))
-                cur.execute(f"TRUNCATE {self.table}")
-        self.staged = 0
-        return result
-
-    def _has_repeated_keys(self) -> bool:
-        """Whether a counter was staged more than once (SCAN and SSCAN may return a key twice,
-        chunks apart). One hash aggregate over the stage, about 0.1 s per 200,000 rows."""
-        cur = self.writer._cur
-        cur.execute(f"SELECT EXISTS (SELECT FROM {self.table} GROUP BY {self.key_columns} HAVING count(*) > 1)")
-        return bool(cur.fetchone()[0])
-
-    def _merged_in_rounds(self, params: dict) -> MergeResult:
-        """Merge a stage with a counter read more than once: its reads one after the other,
-        in the order they were read, as runs one after the other would merge them. A drop
-        between two reads then loses nothing read before it (merged as one read, the growth
-        read before the drop would be lost). Round *n* stages every counter's *n*-th read and
-        merges it as any stage: each read is merged, and counted, once."""
-        cur = self.writer._cur
-        reads = f"{self.table}_reads"
-        cur.execute(
-            f"CREATE TEMPORARY TABLE {reads} ON COMMIT DROP AS SELECT {self.columns},"
-            f" row_number() OVER (PARTITION BY {self.key_columns} ORDER BY ctid) AS read_no FROM {self.table}"
-        )
-        cur.execute(f"TRUNCATE {self.table}")
-        cur.execute(f"SELECT coalesce(max(read_no), 0) FROM {reads}")
-        rounds = [("read_no = %s", (read_no,)) for read_no in range(1, int(cur.fetchone()[0]) + 1)]
-        result = self._merged_in_parts(params, reads, rounds, self._compared)
-        cur.execute(f"DROP TABLE {reads}")
-        return result
-
-    def _merged_with_refusals(self, params: dict) -> MergeResult:
-        """Merge the stage (up to :data:`LOOKUP_ROWS` rows) by primary-key lookups; should
-        PostgreSQL refuse a row, find it by halves and set it aside."""
-        result = MergeResult()
-        # A day's first rows go in by plain INSERT (:meth:`_inserted`); once a row turned up
-        # after all, the rows are compared with the stored ones: the rules, their counts and
-        # the totals that would pass the bigint, as for any day with rows.
-        statement = compare_merge(self.target, self.table, self.shape)
-        cur = self.writer._cur
-
-        def merge_staged(part: list | None) -> None:
-            if part is not None:  # a retry without the refused rows: stage this part alone
-                cur.execute(f"TRUNCATE {self.table}")
-                _copy_rows(cur, self.copy_target, part)
-            with self.writer._row_lock_wait():
-                inserted = self._inserted(cur, params)
-                result.add(inserted if inserted is not None else self._merged(cur, statement, params))
-            self._resolve_fixed_letters(cur)
-
-        with _Savepoint(cur, "usage_agg_merge", is_row_error) as whole:
-            merge_staged(None)
-        if whole.error is not None:
-            cur.execute(f"SELECT {self.columns} FROM {self.table}")
-            result.refused += self.writer._isolated(cur.fetchall(), merge_staged, self.refuse, failed_whole=True)
-        return result
-
-    def _merged_by_day_scan(self, params: dict) -> MergeResult:
-        """Merge a stage of more than :data:`LOOKUP_ROWS` rows (a day that had rows, read whole)
-        by one hash join with the stored day (``compare_merge(day_scan=True)``).
-
-        Nested loops are off for that statement alone: with a day just written, whose
-        statistics PostgreSQL has not gathered yet, the planner would otherwise look each
-        row up. Should PostgreSQL refuse a row, the stage is merged again in slices
-        (:meth:`_merged_in_slices`).
-        """
-        cur = self.writer._cur
-        with _Savepoint(cur, "usage_agg_merge", is_row_error) as day_scan:  # its rollback restores enable_nestloop
-            cur.execute("SELECT current_setting('enable_nestloop'), set_config('enable_nestloop', 'off', true)")
-            nested_loops = cur.fetchone()[0]
-            with self.writer._row_lock_wait():
-                result = self._merged(cur, compare_merge(self.target, self.table, self.shape, day_scan=True), params)
-            cur.execute("SELECT set_config('enable_nestloop', %s, true)", (nested_loops,))
-            self._resolve_fixed_letters(cur)
-        return result if day_scan.error is None else self._merged_in_slices(params)
-
-    def _merged_in_slices(self, params: dict) -> MergeResult:
-        """Merge the stage again a slice at a time (:data:`SLICE_PAGES` of its pages, read by
-        their tuple ids), each slice by :meth:`_merged_with_refusals`, which sets the refused
-        rows aside. The rows wait in PostgreSQL (the stage, renamed); memory holds one slice
-        at most, and each row is read once."""
-        cur = self.writer._cur
-        held = f"{self.table}_held"
-        cur.execute(f"ALTER TABLE {self.table} RENAME TO {held.rsplit('.', 1)[-1]}")
-        self.create(cur)
-        cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int", (held,))
-        pages = int(cur.fetchone()[0])
-        slices = [
-            ("ctid >= %s::tid AND ctid < %s::tid", (f"({first},0)", f"({first + SLICE_PAGES},0)"))
-            for first in range(0, pages, SLICE_PAGES)
-        ]
-        result = self._merged_in_parts(params, held, slices, self._merged_with_refusals)
-        covered = len(slices) * SLICE_PAGES
-        cur.execute(f"SELECT count(*) FROM {held} WHERE ctid >= %s::tid", (f"({covered},0)",))
-        if cur.fetchone()[0]:  # never: the slices cover every page the stage had
-            raise RuntimeError(f"rows of {held} past page {covered} were not merged")
-        cur.execute(f"DROP TABLE {held}")
-        return result
-
-    def _resolve_fixed_letters(self, cur) -> None:
-        dead_letters.resolve_fixed(
-            cur, self.writer.names.errors.quoted, self.writer.usage_date, self.table, self.shape is HOURLY
-        )
-
-    def _inserted(self, cur, params: dict) -> MergeResult | None:
-        """A day that had no rows: try a plain INSERT (:func:`plain_insert`). ``None`` when
-        some row was there after all (or the day had rows): the caller merges instead."""
-        if not (self.was_empty and self.plain_inserts):
-            return None
-        with _Savepoint(cur, "usage_agg_insert", is_unique_violation) as insert:
-            cur.execute(plain_insert(self.target, self.table, self.shape), params)
-            written = cur.rowcount  # before the savepoint's release sets its own
-        if insert.error is not None:
-            self.plain_inserts = False  # rows turn up after all: merge the rest of the day
-            return None
-        return MergeResult(written, 0, 0, 0, [])
-
-    def _merged(self, cur, statement: str, params: dict) -> MergeResult:
-        cur.execute(statement, params)
-        return self._result(cur.fetchone())
-
-    def _result(self, row) -> MergeResult:
-        written, unchanged, drops, resets, samples, overflowing = row
-        result = MergeResult(int(written), int(unchanged), int(drops), int(resets), list(samples or []))
-        for merchant, metric, offset, redis, time_key in overflowing or []:
-            hour = dt.datetime.fromisoformat(str(time_key)).astimezone(dt.UTC).hour if self.shape is HOURLY else None
-            staged = (merchant, metric, redis) if hour is None else (merchant, metric, hour, redis)
-            result.refused.append(
-                self.refuse(
-                    staged,
-                    f"the total would exceed PostgreSQL's bigint: {offset} counted before a reset + Redis"
-                    f" value {redis}",
-                )
-            )
-        return result
 
 
 def refuse_autocommit(conn, what: str) -> None:
@@ -503,18 +80,33 @@ class DayWriter:
         self.partition = partition
         self._cur: Any = None  # the transaction's DB-API cursor, once entered
         self._source = Source(None)  # no Redis life known (yet): rows get none
-        self._daily = _Stage(self, DAILY, _STAGE, names.usage.quoted, KEY_PREFIX)
-        self._hourly = _Stage(self, HOURLY, _HOURLY_STAGE, names.hourly.quoted, HOURLY_PREFIX)
+        #: the daily and hourly stages, on the transaction's cursor (once entered)
+        self._daily: Stage
+        self._hourly: Stage
 
     def __enter__(self) -> DayWriter:
         refuse_autocommit(self.conn, f"{self.names.usage} {self.usage_date}")
         self._cur = self.conn.cursor()
+        self._daily = self._new_stage(DAILY, _STAGE, self.names.usage.quoted, KEY_PREFIX)
+        self._hourly = self._new_stage(HOURLY, _HOURLY_STAGE, self.names.hourly.quoted, HOURLY_PREFIX)
         try:
             self._begin()
         except BaseException:
             self._end(commit=False)
             raise
         return self
+
+    def _new_stage(self, shape: RowShape, table: str, target: str, key_prefix: str) -> Stage:
+        return Stage(
+            self._cur,
+            shape,
+            table,
+            target,
+            key_prefix,
+            usage_date=self.usage_date,
+            errors_table=self.names.errors.quoted,
+            row_lock_wait=self._row_lock_wait,
+        )
 
     def _begin(self) -> None:
         cur = self._cur
@@ -524,7 +116,7 @@ class DayWriter:
         cur.execute(
             "SELECT set_config('lock_timeout', %s, true), set_config('idle_in_transaction_session_timeout', %s, true),"
             " set_config('work_mem', %s, true)",
-            (_ms(self.lock_timeout), _ms(IDLE_IN_TRANSACTION_TIMEOUT), MERGE_WORK_MEM),
+            (pg_milliseconds(self.lock_timeout), pg_milliseconds(IDLE_IN_TRANSACTION_TIMEOUT), MERGE_WORK_MEM),
         )
         day_lock = (f"usage_agg {self.names.usage}", self.usage_date.toordinal())
         with self._bounded_wait(
@@ -574,7 +166,7 @@ class DayWriter:
                 self._cur.close()
 
     def _bounded_wait(self, what: str, holder: str):
-        return _LockWaitNamed(self, what, holder)
+        return LockWaitNamed(self.lock_timeout, self.names.usage, self.usage_date, what, holder)
 
     def _row_lock_wait(self):
         """A statement that may wait on a row lock of the table another connection holds."""
@@ -623,42 +215,12 @@ class DayWriter:
         backslash, tab, CR, LF or NUL, which this checks on the whole block (cheaply)
         before sending it. A block that fails the check is staged escaped instead.
         """
-        return self._daily.stage_block(rows, b"%b\t%b\t%b\n")
+        return self._daily.stage_block(rows, b"%b\t%b\t%b\n", self._source.id)
 
     def stage_hours(self, hours: list[tuple[bytes, bytes, int, int]]) -> list[BadKey]:
         """Stage a batch's hourly counts (see :attr:`usage_agg.source.Batch.hours`), a key's
         hours as often as the key was read (its reads are merged one after the other)."""
-        return self._hourly.stage_block(hours, b"%b\t%b\t%d\t%d\n")
-
-    def _isolated(
-        self,
-        rows: list,
-        attempt: Callable[[list], object],
-        refuse: Callable[[tuple, str], BadKey],
-        *,
-        failed_whole: bool = False,
-    ) -> list[BadKey]:
-        """Run ``attempt(rows)``; if PostgreSQL refuses a row, find it and set it aside.
-
-        Each attempt runs in a savepoint. A refusal of the data (not of the connection
-        or a lock) splits the rows in halves until every refused row stands alone; the
-        others go through. Costs one savepoint when nothing is refused.
-        """
-        refused: list[BadKey] = []
-        middle = len(rows) // 2
-        pending = [rows[middle:], rows[:middle]] if failed_whole and len(rows) > 1 else [rows]
-        while pending:
-            part = pending.pop()
-            with _Savepoint(self._cur, "usage_agg_rows", is_row_error) as rows_part:
-                attempt(part)
-            if rows_part.error is None:
-                continue
-            if len(part) == 1:
-                refused.append(refuse(part[0], f"PostgreSQL refused the row: {_first_line(rows_part.error)}"))
-            else:
-                middle = len(part) // 2
-                pending += [part[middle:], part[:middle]]
-        return refused
+        return self._hourly.stage_block(hours, b"%b\t%b\t%d\t%d\n", self._source.id)
 
     # Dead letters and audit
 
@@ -678,7 +240,7 @@ class DayWriter:
 
     def end_chunk(self) -> MergeResult:
         """A chunk's worth of rows was staged: merge it now if its day had no rows (see
-        :meth:`_Stage.end_chunk`); otherwise it waits for :meth:`merge`, one comparison with
+        :meth:`usage_agg.write_routes.Stage.end_chunk`); otherwise it waits for :meth:`merge`, one comparison with
         the stored day at the end."""
         return self._combined(self._daily.end_chunk, self._hourly.end_chunk)
 
@@ -700,90 +262,3 @@ class DayWriter:
         result.hourly_resets += hourly.resets
         result.refused += hourly.refused
         return result
-
-
-class _Savepoint:
-    """A savepoint around statements PostgreSQL may refuse. Released when they succeed; on
-    an error ``undo_on`` accepts, rolled back to and released, and the error kept in
-    :attr:`error` instead of raised (any other error propagates: the transaction fails)."""
-
-    def __init__(self, cur, name: str, undo_on: Callable[[BaseException], bool]) -> None:
-        self.cur, self.name, self.undo_on = cur, name, undo_on
-        self.error: Exception | None = None
-
-    def __enter__(self) -> _Savepoint:
-        self.cur.execute(f"SAVEPOINT {self.name}")
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None:
-            self.cur.execute(f"RELEASE SAVEPOINT {self.name}")
-            return False
-        if not (isinstance(exc, Exception) and self.undo_on(exc)):
-            return False
-        self.cur.execute(f"ROLLBACK TO SAVEPOINT {self.name}")
-        self.cur.execute(f"RELEASE SAVEPOINT {self.name}")
-        self.error = exc
-        return True
-
-
-class _LockWaitNamed:
-    """Turn a lock wait that timed out into :class:`LockWaitTimeout` naming the table and date."""
-
-    def __init__(self, writer: DayWriter, what: str, holder: str) -> None:
-        self.writer, self.what, self.holder = writer, what, holder
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and is_lock_timeout(exc):
-            w = self.writer
-            raise LockWaitTimeout(
-                f"lock timeout: waited {w.lock_timeout.total_seconds():g} s for {self.what} {w.names.usage} "
-                f"{w.usage_date.isoformat()}, {self.holder}; Airflow retries the task"
-            ) from exc
-
-
-def _ms(duration: dt.timedelta) -> str:
-    return f"{int(duration.total_seconds() * 1000)}ms"
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _copy_safe_text(block: bytes, rows: int, width: int) -> str | None:
-    """``block`` as text if COPY's text format reads it as exactly ``rows`` rows of ``width`` fields, else ``None``."""
-    if (
-        block.count(b"\t") != (width - 1) * rows
-        or block.count(b"\n") != rows
-        or any(b in block for b in (b"\\", b"\r", b"\x00"))
-    ):
-        return None
-    try:
-        return block.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-
-
-def _copy_text(cur, target: str, text: str) -> None:
-    """``COPY`` a ready text-format block."""
-    if hasattr(cur, "copy_expert"):  # psycopg2
-        cur.copy_expert(f"COPY {target} FROM STDIN", io.StringIO(text))
-    else:  # psycopg 3
-        with cur.copy(f"COPY {target} FROM STDIN") as copy:
-            copy.write(text)
-
-
-def _copy_rows(cur, target: str, rows: Iterable[tuple]) -> None:
-    """``COPY target FROM STDIN`` with whichever driver the cursor belongs to, every field escaped."""
-    if hasattr(cur, "copy_expert"):  # psycopg2: CSV, quoted, so any character in an id is safe
-        buffer = io.StringIO()
-        csv.writer(buffer, quoting=csv.QUOTE_ALL, lineterminator="\n").writerows(rows)
-        buffer.seek(0)
-        cur.copy_expert(f"COPY {target} FROM STDIN WITH (FORMAT csv)", buffer)
-    else:  # psycopg 3 escapes each row itself in COPY's text format
-        with cur.copy(f"COPY {target} FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)

@@ -16,7 +16,7 @@ import redis
 from tests.conftest import REDIS_HOST, REDIS_PORT, pg_connect, redis_server_binary
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import hourly_key
-from usage_agg.sink import ensure_schema
+from usage_agg.schema import ensure_schema
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"

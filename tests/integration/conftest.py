@@ -26,10 +26,10 @@ def table(pg_schema):
 @pytest.fixture(params=["lookup", "day-scan"])
 def merge_by(request, monkeypatch):
     """Both ways a day with rows compares its staged rows with the stored ones: a primary-key
-    lookup per row (stages of up to ``sink.LOOKUP_ROWS`` rows), or one hash join with the
+    lookup per row (stages of up to ``write_routes.LOOKUP_ROWS`` rows), or one hash join with the
     stored day (bigger stages; here every stage, however small)."""
-    import usage_agg.sink as sink
+    import usage_agg.write_routes as write_routes
 
     if request.param == "day-scan":
-        monkeypatch.setattr(sink, "LOOKUP_ROWS", 0)
+        monkeypatch.setattr(write_routes, "LOOKUP_ROWS", 0)
     return request.param

@@ -328,7 +328,8 @@ def test_an_autocommit_connection_is_refused_before_anything_is_written(redis_cl
     statement and a run failing part-way would leave part of the date written. Refused before
     the schema, the Redis lives or a failed run's audit row are written (the adversarial review
     found those written first), and by the writer itself for its other callers."""
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     seed(redis_client, {("acme", "queries"): 3})
     pg_conn.autocommit = True
@@ -425,7 +426,8 @@ def test_a_key_staged_twice_is_merged_read_by_read(pg_conn, pg_schema, query, st
     import datetime as dt
 
     from usage_agg.keys import UsageKey
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
     from usage_agg.source import Counter
 
     day = dt.date(2025, 11, 1)
@@ -450,7 +452,8 @@ def test_a_key_staged_in_two_chunks_never_lowers_its_total(pg_conn, pg_schema, q
     """The new-day fast path inserts without comparing; its conflict rule must still never lower a total."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     if stored_before:
@@ -472,7 +475,8 @@ def test_stage_plain_rows_checks_the_block_it_sends(pg_conn, pg_schema, query):
     """Rows that COPY's text format would misread are staged escaped instead, never garbled."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     odd = [(b"tab\there", b"q", b"1"), (b"back\\slash", b"q", b"2"), (b"cr\rhere", b"q", b"3"), (b"nl\nhere", b"q", b"4")]
@@ -523,7 +527,8 @@ def test_a_new_day_goes_in_by_plain_insert_until_a_row_turns_up(pg_conn, pg_sche
     import datetime as dt
 
     from tests.conftest import pg_connect
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     with DayWriter(pg_conn, names, dt.date(2025, 11, 1)) as writer:
@@ -556,7 +561,9 @@ def test_a_new_day_is_copied_straight_in_as_the_merge_would_write_it(pg_conn, pg
     session's time zone."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, Source, ensure_schema
+    from usage_agg.lives import Source
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     with pg_conn.cursor() as cur:
@@ -585,7 +592,8 @@ def test_a_new_day_with_open_dead_letters_is_staged_so_fixed_keys_resolve_them(p
     """Resolving a letter needs the clean key staged: such a day skips the straight COPY."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
     from usage_agg.source import BadKey
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
@@ -611,17 +619,17 @@ def test_a_day_with_rows_read_whole_is_compared_once_and_a_refused_row_costs_its
     hash join; a row PostgreSQL refuses there sends the stage through again in slices,
     which set that row aside and merge the rest."""
     import usage_agg.aggregate as aggregate_module
-    import usage_agg.sink as sink
+    import usage_agg.write_routes as write_routes
 
     calls: list[str] = []
     for method in ("_merged_by_day_scan", "_merged_in_slices", "_merged_with_refusals"):
-        original = getattr(sink._Stage, method)
+        original = getattr(write_routes.Stage, method)
         monkeypatch.setattr(
-            sink._Stage, method, lambda self, params, _o=original, _m=method: calls.append(_m) or _o(self, params)
+            write_routes.Stage, method, lambda self, params, _o=original, _m=method: calls.append(_m) or _o(self, params)
         )
     monkeypatch.setattr(aggregate_module, "MERGE_EVERY_ROWS", 10)  # a chunk ends after every batch
-    monkeypatch.setattr(sink, "LOOKUP_ROWS", 25)
-    monkeypatch.setattr(sink, "SLICE_PAGES", 1)  # 200-byte ids: about 35 staged rows a page
+    monkeypatch.setattr(write_routes, "LOOKUP_ROWS", 25)
+    monkeypatch.setattr(write_routes, "SLICE_PAGES", 1)  # 200-byte ids: about 35 staged rows a page
     seed(redis_client, {(f"m{i:03d}{WIDE}", "queries"): 1 for i in range(60)})
     first = aggregate_day(redis_client, pg_conn, DAY, table=table, batch_size=10)
     assert (first.rows_written, calls) == (60, [])  # a new day: COPYed straight in, chunk by chunk
@@ -652,7 +660,8 @@ def test_a_key_read_twice_with_a_drop_between_keeps_the_growth_read_before_it(pg
     read is lost, and growth from 2 counts. (Found by an adversarial review: the day's one
     comparison used to take the read 2 alone and keep 10, offset 8, losing the 5 read before
     the drop; within a chunk the first read was kept, and growth after the drop lost.)"""
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     day = dt.date(2025, 11, 1)
@@ -677,7 +686,8 @@ def test_a_key_read_clean_and_bad_in_one_run_keeps_its_letter_open(pg_conn, pg_s
     the next run that reads the key clean only marks it fixed. (Found by an adversarial
     review: a clean read staged before the bad one marked the letter fixed at the merge, so
     the key showed fixed while bad, and the next run alerted on it as new.)"""
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
     from usage_agg.source import BadKey
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
@@ -711,7 +721,8 @@ def test_a_new_days_rows_wait_in_the_stage_behind_rows_read_before_them(pg_conn,
     COPYed straight in, then the earlier staged read merged on top as a drop, gave 8 with
     offset 3, and 11 at the next run of the same 8.)"""
     from usage_agg.keys import UsageKey
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
     from usage_agg.source import Counter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
@@ -739,7 +750,8 @@ def test_a_key_staged_in_two_chunks_is_merged_read_by_read_and_planner_settings_
     afterwards."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     day = dt.date(2025, 11, 1)

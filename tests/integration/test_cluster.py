@@ -149,7 +149,8 @@ def test_an_unknown_part_is_refused(cluster_client, pg_conn, table):
 
 def test_parts_write_side_by_side_but_never_beside_a_whole_day_writer(pg_schema):
     from tests.conftest import pg_connect
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     conns = [pg_connect() for _ in range(3)]
     names = ensure_schema(conns[0], f"{pg_schema}.merchant_usage")

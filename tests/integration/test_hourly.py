@@ -336,7 +336,8 @@ def test_an_hour_past_bigint_names_its_utc_hour_whatever_the_session_time_zone(p
     (the UTC hour), not the hour on the session's clock."""
     import datetime as dt
 
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     day = dt.date(2025, 11, 1)

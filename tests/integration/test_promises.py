@@ -111,7 +111,8 @@ def test_a_first_aggregation_meeting_a_row_past_bigint_sets_it_aside(pg_conn, pg
     an offset from an earlier reset: the first aggregation's plain COPY meets it, the rows
     are merged by the rules instead, and a total past the bigint is set aside (a bad key,
     dead-lettered by the caller) as on any day with rows, with the rest written."""
-    from usage_agg.sink import DayWriter, ensure_schema
+    from usage_agg.schema import ensure_schema
+    from usage_agg.sink import DayWriter
 
     names = ensure_schema(pg_conn, f"{pg_schema}.merchant_usage")
     pg_conn.commit()

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from usage_agg.aggregate import aggregate_day
 from usage_agg.keys import build_key, day_pattern, parse_key
-from usage_agg.sink import ensure_schema
+from usage_agg.schema import ensure_schema
 from usage_agg.tracking import track_usage
 
 DAY = "2025-11-01"

@@ -2,7 +2,7 @@
 
 Each case happens for real, to a Redis server of the test's own (restart without
 persistence, a snapshot restore, a lagging replica promoted, a real eviction), and the
-totals are exactly those the reset rules in ``usage_agg.sink`` give.
+totals are exactly those the reset rules in ``usage_agg.write_routes`` give.
 """
 
 from __future__ import annotations

@@ -65,10 +65,10 @@ def test_rows_that_cannot_be_staged_are_refused_with_key_value_and_reason(pg_con
 
 
 def test_a_refusal_reason_is_never_empty():
-    from usage_agg.sink import _first_line
+    from usage_agg.refusals import first_line
 
-    assert _first_line(ValueError("  first line\nsecond line")) == "first line"
-    assert _first_line(ValueError()) == "ValueError"
+    assert first_line(ValueError("  first line\nsecond line")) == "first line"
+    assert first_line(ValueError()) == "ValueError"
 
 
 def test_the_days_transaction_bounds_its_waits_and_gets_memory_for_the_merge(pg_conn, pg_schema, query):

@@ -6,7 +6,7 @@ import time
 
 from tests.conftest import pg_connect
 
-from usage_agg.sink import ensure_schema
+from usage_agg.schema import ensure_schema
 from usage_agg.tracking import track_usage
 
 DAG_ID = "usage_aggregation_merchant"

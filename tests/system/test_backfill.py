@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import pg_connect
 from tests.system.stack import AIRFLOW_V3, AIRFLOW_VERSION, REPO
-from usage_agg.sink import ensure_schema
+from usage_agg.schema import ensure_schema
 from usage_agg.tracking import track_usage
 
 pytestmark = pytest.mark.system

@@ -1,7 +1,7 @@
 """A simulator of one counter's life in Redis, and of the runs that read it into one row.
 
 Plain Python, no I/O: it stands in for Redis (one key, on one of two primaries ``a`` and
-``b``), for the ``usage_redis_incarnations`` registry (:func:`usage_agg.sink.register_incarnations`)
+``b``), for the ``usage_redis_incarnations`` registry (:func:`usage_agg.lives.register_incarnations`)
 and for the merge (:func:`usage_agg.counter_model.next_state`), so a whole history can be
 checked against the true count (the sum of all ``INCRBY``) in microseconds.
 

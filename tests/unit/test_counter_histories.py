@@ -6,7 +6,7 @@ reset loses is bounded by what happened around it. Here a simulator (``counter_s
 plays generated histories of increments, runs (with their unchanged reruns and
 ``allow_decrease`` reruns), empty restarts, snapshot restores, failovers to a lagging
 replica and back, evictions and reshard moves, assigns server lives as
-``usage_agg.servers`` and ``usage_agg.sink.register_incarnations`` do, and merges each
+``usage_agg.servers`` and ``usage_agg.lives.register_incarnations`` do, and merges each
 read with ``usage_agg.counter_model.next_state``. After every run the stored quantity is
 checked against the true count (the sum of all increments) and the README's loss bound.
 

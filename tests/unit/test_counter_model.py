@@ -16,7 +16,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from usage_agg import sink
+from usage_agg import write_routes
 from usage_agg.counter_model import DROP, REBASE, RESTART, RULES, Read, Row, next_state
 from usage_agg.keys import BIGINT_MAX
 
@@ -49,8 +49,8 @@ def test_the_rules_apply_in_the_readme_order():
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda rule: rule.name)
 def test_each_rule_quotes_the_sentence_that_promises_it(rule):
-    """The README (or, for the one case it leaves out, ``usage_agg.sink``'s docstring) says it word for word."""
-    promised = _words((ROOT / "README.md").read_text()) + _words(sink.__doc__)
+    """The README (or, for the one case it leaves out, ``usage_agg.write_routes``' docstring) says it word for word."""
+    promised = _words((ROOT / "README.md").read_text()) + _words(write_routes.__doc__)
     assert _words(rule.says) in promised
 
 
