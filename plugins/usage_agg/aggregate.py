@@ -23,7 +23,7 @@ from usage_agg.options import AggregationOptions
 from usage_agg.partitions import check_layout_unchanged, part_layout
 from usage_agg.prefetch import prefetched
 from usage_agg.samples import add_samples
-from usage_agg.schema import ensure_schema, resolve_names
+from usage_agg.schema import SchemaNames, ensure_schema, resolve_names
 from usage_agg.servers import RedisTookKeysIn, check_unchanged, read_incarnations
 from usage_agg.sink import DayWriter, refuse_autocommit
 from usage_agg.source import discovery_method, read_day
@@ -146,14 +146,12 @@ def aggregate_day(
         **(audit or {}), "usage_table": result.table, "usage_date": day, "started_at": started_at,
         "redis_partition": partition, "partition_count": options.partition_count,
     }  # fmt: skip
-    progress = _Progress()
+    run = _Run(redis_client, pg_conn, names, day, options, result, audit_base, logger, scope)
     try:
-        _aggregate_in_one_transaction(
-            redis_client, pg_conn, names, day, options, result, audit_base, logger, scope, progress
-        )
+        _aggregate_in_one_transaction(run)
     except Exception as err:
         logger.error("Aggregation of %s%s failed: %s", result.usage_date, scope, describe(err, pg_conn))
-        _audit_failure(pg_conn, names, result, audit_base, err, progress, logger)
+        _audit_failure(run, err)
         raise
 
     result.duration_seconds = round(time.monotonic() - started, 3)
@@ -199,9 +197,28 @@ class _Progress:
     rows_merged: int = 0
 
 
-def _aggregate_in_one_transaction(
-    redis_client, pg_conn, names, day, options: AggregationOptions, result, audit_base, logger, scope, progress
-) -> None:
+@dataclass
+class _Run:
+    """One run of :func:`aggregate_day` once it has begun: what it reads and writes, how, and
+    what it has done so far (the one argument of the steps below, instead of ten)."""
+
+    redis_client: Any
+    pg_conn: Any
+    names: SchemaNames
+    day: dt.date
+    options: AggregationOptions
+    result: AggregationResult
+    #: the audit row's fields known before the run (who ran it, the table, the date, when)
+    audit_base: dict
+    logger: Logger
+    #: " for merchant ..." / " on Redis primary ...": how the log names the run's part of the day
+    scope: str
+    progress: _Progress = field(default_factory=_Progress)
+
+
+def _aggregate_in_one_transaction(run: _Run) -> None:
+    redis_client, pg_conn, names, day, options = run.redis_client, run.pg_conn, run.names, run.day, run.options
+    result, audit_base, logger, scope, progress = run.result, run.audit_base, run.logger, run.scope, run.progress
     # Which life of which Redis server is read: noted before the day's transaction (in
     # one of its own), checked again before commit, so a restart mid-run fails the run.
     servers = read_incarnations(redis_client, options.partition)
@@ -304,11 +321,14 @@ def _log_counters(logger, batch) -> None:
         logger.debug("Key %s:%s = %d", counter.key.merchant_id, counter.key.metric_type, counter.quantity)
 
 
-def _audit_failure(pg_conn, names, result, audit_base, err, progress: _Progress, logger) -> None:
+def _audit_failure(run: _Run, err: Exception) -> None:
     """Best effort: the date's transaction is rolled back, but the audit should show the attempt.
 
     It records what was committed (nothing) and, in ``error``, how far the run got.
     """
+    pg_conn, names, result, audit_base, progress, logger = (
+        run.pg_conn, run.names, run.result, run.audit_base, run.progress, run.logger,
+    )  # fmt: skip
     error = (
         f"{type(err).__name__}: {describe(err, pg_conn)} (rolled back after reading {progress.keys_read} keys "
         f"and merging {progress.rows_merged} rows; nothing of this run was committed)"

@@ -76,7 +76,7 @@ class RedisUsageToPostgresOperator(BaseOperator):
     )
     ui_color = "#e8f4ea"
 
-    def __init__(
+    def __init__(  # noqa: PLR0913  (an operator takes each setting as a keyword, as Airflow's own do)
         self,
         *,
         usage_date: str | None = None,

@@ -129,7 +129,7 @@ def discovery_method(
     return "scan"
 
 
-def read_day(
+def read_day(  # noqa: PLR0913  (to take AggregationOptions, as the issue of one model of a counter asks)
     client,
     usage_date: dt.date,
     merchant_id: str | None = None,

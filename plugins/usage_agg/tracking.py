@@ -17,7 +17,7 @@ from usage_agg.partitions import is_cluster
 USAGE_KEY_TTL = dt.timedelta(days=7)
 
 
-def track_usage(
+def track_usage(  # noqa: PLR0913  (the public writer's helper: its options are keyword-only)
     client,
     merchant_id: str,
     metric_type: str,
