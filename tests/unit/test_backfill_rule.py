@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -38,6 +39,8 @@ from usage_agg.backfill import (
     in_backfill_v3,
     next_day_unread,
     readers_of,
+    why_not_reading,
+    why_reading_next_day,
 )
 
 #: the hourly DAG's readers, and with the fan-out the planner deciding for both days
@@ -196,6 +199,8 @@ class Outcome:
     #: the days of the range that a task the backfill executes is asked to read, or that follow the day
     #: of one that reads its run's own day (the forward read)
     near: set
+    #: how many times each day was read: reading a day more than needed is safe, but costs
+    reads: dict
 
 
 def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
@@ -235,6 +240,7 @@ def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
     executes = [(run, list(run.to_execute)) for run in backfill if run.to_execute]
 
     asked, read = set(), set()
+    reads: Counter = Counter()  # how many times each day is read
     active: list[Run] = []
     while order or active:
         while order and len(active) < scenario.max_active:
@@ -268,12 +274,14 @@ def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
                 task.state = "failed"
             else:
                 read.update(days)
+                reads.update(days)
                 own_day = run.logical_date.date()
                 if forward and 0 in scenario.deciders[task_id]:
                     following = own_day + dt.timedelta(days=1)
                     observed = _observed_next_day(runs, run, task_id, following, scenario.deciders, scenario.version)
                     if next_day_unread(observed):
                         read.add(following)
+                        reads[following] += 1
                 task.state = "success"
         if not run.to_execute:
             done = {t.state for t in run.tasks.values()}
@@ -287,7 +295,7 @@ def simulate(scenario: Scenario, decide=None, forward: bool = True) -> Outcome:
             if 0 in scenario.deciders[task_id]:
                 near.add(run.logical_date.date() + dt.timedelta(days=1))
     near &= range_days
-    return Outcome(asked, read, any(run.state == "failed" for run in backfill), near)
+    return Outcome(asked, read, any(run.state == "failed" for run in backfill), near, dict(reads))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -344,6 +352,66 @@ def test_a_day_whose_runs_are_this_backfills_is_not_read_forward():
         scenario = Scenario(version, reprocess, READERS, 24, 72, {}, 1, False, False, 2)
         assert next_day_unread([]) is False  # past the range: no run there
         assert simulate(scenario).read == simulate(scenario, forward=False).read
+
+
+@pytest.mark.parametrize(("deciders", "most"), [(READERS, 1), (FAN_OUT, 2)], ids=["readers", "fan-out"])
+def test_a_2_11_backfill_over_a_range_without_runs_reads_each_day_once(deciders, most):
+    """The rule's point is cost as much as coverage: on 2.11 (which relies on every task its job
+    queued) one read per day, two with the fan-out (its planner plans both days of a run when one
+    needs reading); a rule that relied on no other task would read each day 24 times and still
+    cover every day. Airflow 3.3 relies only on runs still queued or running, so a day is read
+    once per stretch of its runs that ran one after another (the README's "1 to 16")."""
+    done = simulate(Scenario(2, "plain", deciders, 24, 72, {}, 8, False, False, 4))
+    assert not done.failed and done.asked <= done.read
+    assert max(done.reads.values()) == most and min(done.reads.values()) == 1, done.reads
+
+
+def test_on_3_3_runs_still_running_are_relied_on():
+    """All the backfill's runs in flight at once: later runs leave their days to the earlier, far
+    fewer reads than runs (48 runs read 2025-10-20 and 2025-10-21)."""
+    done = simulate(Scenario(3, "none", READERS, 24, 72, {}, 49, False, False, 6))
+    assert not done.failed and done.asked <= done.read
+    assert sum(done.reads.values()) < 24, done.reads
+
+
+def test_on_2_11_a_day_whose_midnight_ran_before_is_read_forward_once_and_by_its_own_runs():
+    """2025-10-21 00:00 ran before the backfill and is not rerun: the day before reads 2025-10-21
+    forward (its runs exist, none is the backfill's yet), and its own 01:00 run reads it too: two
+    reads, the forward read's price where a day's runs exist only in part; every other day once."""
+    existing = {48: Existing("scheduled", "success", ("success", "success"))}
+    done = simulate(Scenario(2, "plain", READERS, 24, 72, existing, 8, False, False, 5))
+    assert not done.failed and done.asked <= done.read
+    assert done.reads == {
+        dt.date(2025, 10, 19): 1, dt.date(2025, 10, 20): 1, dt.date(2025, 10, 21): 2, dt.date(2025, 10, 22): 1
+    }
+
+
+def test_readers_of_names_each_task_of_a_run_with_its_day_and_membership():
+    when = dt.datetime(2025, 10, 21, 5, tzinfo=dt.UTC)
+    states = {"aggregate_current_day": "success", "aggregate_previous_day": "failed", "other": "success"}
+    found = readers_of("r1", when, states, READERS, {"aggregate_current_day": True})
+    assert found == [
+        Reader("r1", when, "aggregate_current_day", dt.date(2025, 10, 21), True, "success"),
+        Reader("r1", when, "aggregate_previous_day", dt.date(2025, 10, 20), False, "failed"),
+    ]
+    assert readers_of("r1", when, {"aggregate_current_day": None}, READERS, True) == [
+        Reader("r1", when, "aggregate_current_day", dt.date(2025, 10, 21), True, None)
+    ]  # a task the run does not have (aggregate_previous_day) reads nothing
+
+
+def test_the_log_lines_name_the_day_the_run_and_the_reader():
+    when = dt.datetime(2025, 10, 21, 5, tzinfo=dt.UTC)
+    reader = Reader("backfill__r4", when - dt.timedelta(hours=1), "aggregate_current_day", when.date(), True, None)
+    assert why_not_reading(when.date(), when, reader) == (
+        "backfill run of 2025-10-21T05:00:00+00:00 leaves 2025-10-21 to aggregate_current_day of backfill__r4 "
+        "(2025-10-21T04:00:00+00:00, not started), an earlier run of the same backfill that reads it"
+    )
+    assert why_reading_next_day(dt.date(2025, 10, 22)).startswith("also aggregating 2025-10-22: it has runs and none")
+
+
+def test_membership_by_the_creating_job_on_2_11():
+    assert in_backfill_v2_run(42, 42)
+    assert not in_backfill_v2_run(1, 42) and not in_backfill_v2_run(None, 42) and not in_backfill_v2_run(42, None)
 
 
 def test_the_next_day_rule():

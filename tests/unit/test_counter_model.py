@@ -173,6 +173,18 @@ def test_a_total_past_the_bigint_is_refused_and_the_row_left_alone():
     assert (over.refused, over.written, over.row, over.reset) == (True, False, Row(BIGINT_MAX, 0, A), RESTART)
 
 
+def test_a_new_row_takes_the_value_read_and_is_written():
+    first = next_state(None, Read(7, A))
+    assert first.row == Row(7, 0, A) and first.rule == "new row" and first.reset is None
+    assert (first.unchanged, first.refused, first.decrease_refused, first.written) == (False, False, False, True)
+
+
+@pytest.mark.parametrize("value", [-1, BIGINT_MAX + 1])
+def test_a_value_outside_the_bigint_is_not_a_read(value):
+    with pytest.raises(ValueError, match=rf"^a Redis value is a bigint at least 0, not {value}$"):
+        Read(value, A)
+
+
 def test_a_life_is_never_its_own_predecessor():
     with pytest.raises(ValueError, match="after itself"):
         Read(1, A, frozenset({A}))
